@@ -1,0 +1,31 @@
+"""resmemnet: predict, explain and train image memorability models (ResMem-Net, PeerJ CS 2021)."""
+
+__version__ = "0.1.0"
+
+from resmemnet.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from resmemnet.data.images import ImageLoadError, load_image
+from resmemnet.data.transforms import Preprocessing
+from resmemnet.model.backbones import BACKBONES, BackboneWeightsError
+from resmemnet.model.heads import HEADS
+from resmemnet.model.resmemnet import ModelConfig, ResMemNet, create_model
+from resmemnet.predict import predict
+from resmemnet.pretrained import load_model
+
+__all__ = [
+    "BACKBONES",
+    "HEADS",
+    "BackboneWeightsError",
+    "CheckpointError",
+    "ImageLoadError",
+    "ModelConfig",
+    "Preprocessing",
+    "ResMemNet",
+    "__version__",
+    "create_model",
+    "load_checkpoint",
+    "load_image",
+    "load_model",
+    "predict",
+    "read_metadata",
+    "save_checkpoint",
+]

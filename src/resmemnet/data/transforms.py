@@ -1,0 +1,57 @@
+"""Preprocessing travels with the weights: one dataclass, stored in every checkpoint."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torchvision.transforms import InterpolationMode, v2
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a given set of weights.
+
+    The paper resizes to 224x224 without cropping, so the whole photo is scored; `crop`
+    (a centre crop after resizing) is there for weights trained that way.
+    """
+
+    resize: tuple[int, int] = (224, 224)
+    crop: tuple[int, int] | None = None
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    def __post_init__(self) -> None:
+        for name in ("resize", "crop", "mean", "std"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, tuple(value))  # JSON round-trips give lists
+        if len(self.resize) != 2 or min(self.resize) < 1:
+            raise ValueError(f"resize must be (height, width) with positive sizes, got {self.resize}")
+        InterpolationMode(self.interpolation)  # fails early on an unknown name
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.crop or self.resize
+
+    def transforms(self) -> v2.Compose:
+        """PIL image -> normalised float tensor (3, H, W), for inference and evaluation."""
+        steps: list[Any] = [v2.Resize(self.resize, InterpolationMode(self.interpolation), antialias=True)]
+        if self.crop is not None:
+            steps.append(v2.CenterCrop(self.crop))
+        steps += [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        return v2.Compose(steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
+        return cls(**data)

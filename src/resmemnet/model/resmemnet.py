@@ -1,0 +1,178 @@
+"""ResMem-Net: every residual block of a CNN, pooled and projected, read in depth order by an LSTM.
+
+image -> backbone blocks A_1..A_n -> GAP -> 1x1 conv (proj_dim) -> LayerNorm -> dropout
+      -> sequence (batch, n, proj_dim) -> head (LSTM by default) -> linear -> score
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from resmemnet.data.transforms import Preprocessing
+from resmemnet.model.backbones import BACKBONES, create_backbone
+from resmemnet.model.heads import HEADS, create_head
+
+__all__ = ["ModelConfig", "ResMemNet", "create_model"]
+
+OUTPUTS = ("sigmoid", "identity")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything needed to rebuild the architecture; stored in every checkpoint.
+
+    `output="sigmoid"` squashes the head's value into (0, 1): memorability is a hit rate, and a
+    bounded output can never report an impossible score. Human scores sit well inside the range
+    (LaMem 0.2-1.0), away from the flat tails, so the squash costs no gradient where it matters.
+    """
+
+    backbone: str = "resnet50"
+    head: str = "lstm"
+    proj_dim: int = 128
+    hidden_dim: int = 128
+    dropout: float = 0.2
+    peephole: bool = False
+    output: str = "sigmoid"
+    backbone_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        BACKBONES.get(self.backbone)  # unknown names fail here, listing the choices
+        HEADS.get(self.head)
+        if self.output not in OUTPUTS:
+            raise ValueError(f"Unknown output {self.output!r}; available: {', '.join(OUTPUTS)}")
+        if self.peephole and self.head != "lstm":
+            raise ValueError(f"peephole=True needs head='lstm', not {self.head!r}")
+        if self.proj_dim < 1 or self.hidden_dim < 1:
+            raise ValueError(f"proj_dim and hidden_dim must be positive, got {self.proj_dim}, {self.hidden_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"Unknown model config keys: {sorted(unknown)}")
+        return cls(**data)
+
+
+class TapProjection(nn.Module):
+    """GAP then a 1x1 convolution per tap, as in the paper, plus LayerNorm and dropout."""
+
+    def __init__(self, channels: list[int], proj_dim: int, dropout: float):
+        super().__init__()
+        self.channels = list(channels)
+        self.convs = nn.ModuleList(nn.Conv2d(c, proj_dim, kernel_size=1) for c in channels)
+        self.norm = nn.LayerNorm(proj_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(batch, sum(channels)) pooled taps -> (batch, taps, proj_dim) sequence."""
+        if pooled.shape[1] != sum(self.channels):
+            raise ValueError(f"Expected {sum(self.channels)} pooled features per image, got {pooled.shape[1]}")
+        parts = pooled.split(self.channels, dim=1)
+        projected = [conv(p[:, :, None, None]).flatten(1) for conv, p in zip(self.convs, parts, strict=True)]
+        seq = torch.stack(projected, dim=1)
+        return self.dropout(self.norm(seq))
+
+
+class ResMemNet(nn.Module):
+    """The full network. `forward_pooled` lets a frozen-backbone run train from cached features."""
+
+    def __init__(self, config: ModelConfig, *, preprocessing: Preprocessing | None = None,
+                 backbone_weights_path: str | None = None, load_backbone_weights: bool = True):
+        """`load_backbone_weights=False` skips `config.backbone_weights` (a checkpoint brings its own)."""
+        super().__init__()
+        self.config = config
+        self.preprocessing = preprocessing or Preprocessing()
+        self.metadata: dict[str, Any] = {}
+        self.backbone = create_backbone(config.backbone,
+                                        weights=config.backbone_weights if load_backbone_weights else None,
+                                        weights_path=backbone_weights_path)
+        channels = self.backbone.tap_channels
+        self.projection = TapProjection(channels, config.proj_dim, config.dropout)
+        self.head = create_head(config.head, in_dim=config.proj_dim, seq_len=len(channels),
+                                hidden_dim=config.hidden_dim, dropout=config.dropout, peephole=config.peephole)
+
+    @property
+    def tap_channels(self) -> list[int]:
+        return self.backbone.tap_channels
+
+    @property
+    def cam_layer(self) -> str:
+        """Default Grad-CAM target: the last backbone stage, by its name in this module."""
+        return f"backbone.net.{self.backbone.cam_layer}"
+
+    def pool_taps(self, images: torch.Tensor) -> torch.Tensor:
+        """Images -> (batch, sum(channels)) globally average-pooled block outputs (what a cache stores)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"Expected images of shape (batch, 3, H, W), got {tuple(images.shape)}")
+        return torch.cat([t.mean(dim=(2, 3)) for t in self.backbone(images)], dim=1)
+
+    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        raw = self.head(self.projection(pooled.float()))
+        return torch.sigmoid(raw) if self.config.output == "sigmoid" else raw
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_pooled(self.pool_taps(images))
+
+    def freeze_backbone(self) -> None:
+        """Stop backbone training; its BatchNorm stays in eval mode (statistics frozen too)."""
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self._backbone_frozen = True
+
+    def unfreeze_backbone(self) -> None:
+        self.backbone.requires_grad_(True)
+        self._backbone_frozen = False
+        self.backbone.train(self.training)
+
+    @property
+    def backbone_frozen(self) -> bool:
+        return getattr(self, "_backbone_frozen", False)
+
+    def train(self, mode: bool = True) -> ResMemNet:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def describe(self) -> dict[str, Any]:
+        """What `resmemnet info` prints."""
+        return {
+            "architecture": "ResMem-Net",
+            "backbone": self.config.backbone,
+            "head": self.config.head,
+            "taps": len(self.tap_channels),
+            "tap_names": self.backbone.taps,
+            "tap_channels": self.tap_channels,
+            "projection": self.config.proj_dim,
+            "parameters": self.num_parameters(),
+            "config": self.config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+        }
+
+
+def create_model(name_or_config: str | ModelConfig = "resnet50", *, preprocessing: Preprocessing | None = None,
+                 backbone_weights_path: str | None = None, **overrides: Any) -> ResMemNet:
+    """The one constructor: a backbone name (or a full config) plus overrides.
+
+    >>> create_model("resnet50", head="bilstm", proj_dim=256)
+    >>> create_model(ModelConfig(backbone="efficientnet_b0", head="transformer"))
+    """
+    overrides = {k: v for k, v in overrides.items() if v is not None}  # unset CLI flags keep defaults
+    if isinstance(name_or_config, ModelConfig):
+        config = ModelConfig(**{**name_or_config.to_dict(), **overrides})
+    else:
+        config = ModelConfig(backbone=name_or_config, **overrides)
+    return ResMemNet(config, preprocessing=preprocessing, backbone_weights_path=backbone_weights_path)
+

@@ -1,0 +1,79 @@
+from urllib.error import URLError
+
+import pytest
+import torch
+import torchvision
+from safetensors.torch import save_file
+
+from resmemnet.model.backbones import BACKBONES, BackboneWeightsError, create_backbone
+
+EXPECTED_TAPS = {"resnet50": 16, "resnet101": 33, "resnet152": 50, "resnext50_32x4d": 16,
+                 "mobilenet_v3_large": 16, "efficientnet_b0": 17}
+
+
+def test_registry_holds_the_papers_backbone_and_its_future_work():
+    assert set(BACKBONES.names()) == set(EXPECTED_TAPS)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TAPS))
+def test_every_block_is_tapped_in_depth_order(name):
+    bb = create_backbone(name).eval()
+    with torch.no_grad():
+        taps = bb(torch.randn(1, 3, 64, 64))
+    assert len(taps) == EXPECTED_TAPS[name] == len(bb.tap_channels)
+    assert [t.shape[1] for t in taps] == bb.tap_channels
+    sides = [t.shape[-1] for t in taps]
+    assert sides == sorted(sides, reverse=True)  # resolution only shrinks with depth
+    assert bb.net.get_submodule(bb.cam_layer) is not None
+
+
+def test_offline_download_fails_fast_with_what_to_do(monkeypatch):
+    def offline(*args, **kwargs):
+        raise URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    with pytest.raises(BackboneWeightsError, match="offline.*weights_path"):
+        create_backbone("resnet50", weights="IMAGENET1K_V2")
+
+
+def test_unknown_weights_name_lists_the_choices():
+    with pytest.raises(ValueError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
+        create_backbone("resnet50", weights="IMAGENET")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_backbone_weights_load_from_a_local_file(tmp_path, suffix):
+    reference = torchvision.models.resnet50()
+    path = tmp_path / f"resnet50{suffix}"
+    state = reference.state_dict()
+    if suffix == ".safetensors":
+        save_file(state, path)
+    else:
+        torch.save(state, path)
+    bb = create_backbone("resnet50", weights_path=path)
+    assert torch.equal(bb.net.conv1.weight, reference.conv1.weight)
+    assert torch.equal(bb.net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+
+
+def test_local_weights_that_do_not_fit_are_named(tmp_path):
+    path = tmp_path / "mobilenet.safetensors"
+    save_file(torchvision.models.mobilenet_v3_large().state_dict(), path)
+    with pytest.raises(BackboneWeightsError, match="do not fit"):
+        create_backbone("resnet50", weights_path=path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_pickled_code_in_a_weights_file_is_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"x": _Payload()}, path)
+    with pytest.raises(BackboneWeightsError, match="not a readable weights file"):
+        create_backbone("resnet50", weights_path=path)
+
+
+def test_missing_weights_file():
+    with pytest.raises(FileNotFoundError, match="not found"):
+        create_backbone("resnet50", weights_path="/nonexistent/resnet50.pth")
