@@ -36,3 +36,16 @@ def test_bad_inputs_are_named(model, tmp_path):
         predict([3], model)
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
         predict([torch.zeros(1, 8, 8)], model)
+
+
+def test_iter_predictions_streams_rows_in_order_and_reports_bad_files(model, photo_dir):
+    from resmemnet.predict import iter_predictions
+
+    (photo_dir / "broken.jpg").write_bytes(b"not a jpeg")
+    paths = sorted(photo_dir.glob("*.jpg"))
+    rows = list(iter_predictions(paths, model, batch_size=4))
+    assert [r.path for r in rows] == [str(p) for p in paths]
+    bad = [r for r in rows if r.error]
+    assert len(bad) == 1 and bad[0].path.endswith("broken.jpg") and bad[0].score is None
+    good_paths = [p for p in paths if p.name != "broken.jpg"]
+    np.testing.assert_allclose([r.score for r in rows if not r.error], predict(good_paths, model), atol=1e-6)
