@@ -49,3 +49,49 @@ def test_iter_predictions_streams_rows_in_order_and_reports_bad_files(model, pho
     assert len(bad) == 1 and bad[0].path.endswith("broken.jpg") and bad[0].score is None
     good_paths = [p for p in paths if p.name != "broken.jpg"]
     np.testing.assert_allclose([r.score for r in rows if not r.error], predict(good_paths, model), atol=1e-6)
+
+
+def test_fast_paths_agree_with_plain_fp32(model, photo_dir):
+    from resmemnet.predict import TorchScorer
+
+    paths = sorted(photo_dir.glob("*.jpg"))
+    plain = predict(paths, model)
+    fast = predict(paths, TorchScorer(model, channels_last=True, precision="fp32"))
+    np.testing.assert_allclose(fast, plain, atol=1e-5)
+    bf16 = predict(paths, TorchScorer(model, channels_last=True, precision="bf16"))
+    assert bf16.dtype == np.float32 and np.abs(bf16 - plain).max() < 2e-2
+    model.eval().to(memory_format=torch.contiguous_format)
+
+
+def test_precision_and_device_choices():
+    from resmemnet.predict import resolve_device, resolve_precision
+
+    cpu = torch.device("cpu")
+    from resmemnet.predict import _cpu_has_bf16
+
+    assert resolve_precision("auto", cpu) == ("bf16" if _cpu_has_bf16() else "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
+    with pytest.raises(ValueError, match="available: auto, fp32, bf16, fp16"):
+        resolve_precision("int8", cpu)
+    with pytest.raises(ValueError, match="use --precision bf16 or fp32"):
+        resolve_precision("fp16", cpu)
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_find_images_files_folders_globs(tmp_path):
+    from resmemnet.predict import find_images
+
+    (tmp_path / "sub").mkdir()
+    for name in ("b.jpg", "a.PNG", "notes.txt", "sub/c.webp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert find_images([tmp_path]) == [str(tmp_path / "a.PNG"), str(tmp_path / "b.jpg")]
+    assert find_images([tmp_path], recursive=True)[-1] == str(tmp_path / "sub" / "c.webp")
+    assert find_images([str(tmp_path / "**" / "*.webp"), tmp_path / "b.jpg", tmp_path / "b.jpg"],
+                       recursive=True) == [str(tmp_path / "sub" / "c.webp"), str(tmp_path / "b.jpg")]
+    assert find_images([tmp_path / "missing.jpg"]) == [str(tmp_path / "missing.jpg")]  # becomes an error row
+    with pytest.raises(FileNotFoundError, match="No files match"):
+        find_images([str(tmp_path / "*.gif")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="use --recursive"):
+        find_images([tmp_path / "empty"])

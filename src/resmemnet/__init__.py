@@ -5,6 +5,7 @@ __version__ = "0.1.0"
 from resmemnet.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from resmemnet.data.images import ImageLoadError, load_image
 from resmemnet.data.transforms import Preprocessing
+from resmemnet.explain import Explanation, explain
 from resmemnet.model.backbones import BACKBONES, BackboneWeightsError
 from resmemnet.model.heads import HEADS
 from resmemnet.model.resmemnet import ModelConfig, ResMemNet, create_model
@@ -16,12 +17,14 @@ __all__ = [
     "HEADS",
     "BackboneWeightsError",
     "CheckpointError",
+    "Explanation",
     "ImageLoadError",
     "ModelConfig",
     "Preprocessing",
     "ResMemNet",
     "__version__",
     "create_model",
+    "explain",
     "load_checkpoint",
     "load_image",
     "load_model",

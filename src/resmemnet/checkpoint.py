@@ -23,7 +23,7 @@ from resmemnet import __version__
 from resmemnet.data.transforms import Preprocessing
 from resmemnet.model.resmemnet import ModelConfig, ResMemNet
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "read_metadata", "save_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "atomic_save_file", "load_checkpoint", "read_metadata", "save_checkpoint"]
 
 FORMAT = "resmemnet-checkpoint"
 FORMAT_VERSION = 1
@@ -68,11 +68,17 @@ def save_checkpoint(model: ResMemNet, path: str | Path, *, metadata: dict[str, A
         "backbone_in_file": include_backbone,
         "weights_sha256": weights_digest(tensors),
     }
+    return atomic_save_file(tensors, path, {_META_KEY: json.dumps(meta)})
+
+
+def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """safetensors.save_file via a temp file + rename: readers see the old file or the new one, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
+        save_file(tensors, tmp, metadata=metadata)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

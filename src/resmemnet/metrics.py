@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
-__all__ = ["TOP_BOTTOM_N", "mean_std", "mse", "pearson", "regression_metrics", "spearman", "top_bottom"]
+__all__ = ["TOP_BOTTOM_N", "human_consistency", "mean_std", "mse", "pearson", "regression_metrics", "spearman",
+           "top_bottom"]
 
 TOP_BOTTOM_N = (10, 25, 50, 100, 200)  # the rows of the paper's Tables 3 and 4
 
@@ -65,3 +66,18 @@ def top_bottom(pred: Sequence[float] | np.ndarray, true: Sequence[float] | np.nd
             rows.append({"rank": f"{which} {n}", "n": n, "predicted": float(p[idx].mean()),
                          "true": float(t[idx].mean())})
     return rows
+
+
+def human_consistency(half1: np.ndarray, half2: np.ndarray) -> dict[str, float | list[float]]:
+    """Split-half human consistency: mean +- std over splits (rows) of Spearman(half 1, half 2).
+
+    Items with no score in either half of a split (NaN, e.g. no viewer saw them) are left out of that split.
+    """
+    h1, h2 = np.atleast_2d(np.asarray(half1, dtype=np.float64)), np.atleast_2d(np.asarray(half2, dtype=np.float64))
+    if h1.shape != h2.shape:
+        raise ValueError(f"split halves differ in shape: {h1.shape} vs {h2.shape}")
+    per_split = []
+    for a, b in zip(h1, h2, strict=True):
+        keep = ~(np.isnan(a) | np.isnan(b))
+        per_split.append(spearman(a[keep], b[keep]))
+    return {**mean_std(per_split), "per_split": per_split}

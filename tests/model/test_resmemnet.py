@@ -13,7 +13,7 @@ def model():
 
 
 def test_info_json_reports_the_paper_architecture(capsys):
-    assert main(["info", "--json"]) == 0
+    assert main(["info", "--backbone", "resnet50", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["backbone"] == "resnet50"
     assert info["head"] == "lstm"

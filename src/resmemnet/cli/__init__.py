@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from resmemnet import __version__
 
 # Each module defines add_parser(subparsers), whose parser sets `func(args) -> exit code`.
-COMMANDS = ("info",)
+COMMANDS = ("info", "serve", "train", "dataset", "evaluate", "predict", "explain", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:

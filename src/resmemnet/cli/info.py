@@ -34,7 +34,12 @@ def run(args: argparse.Namespace) -> int:
     for key, value in info.items():
         if key not in ("tap_names", "tap_channels", "config", "metadata"):
             print(f"{key:>14}: {value}")
+    nested = []
     for key, value in (info.get("metadata") or {}).items():
-        if key not in ("config", "preprocessing"):
+        if isinstance(value, (dict, list)):
+            nested.append(key)  # results tables and the like read better as JSON
+        elif key not in ("weights_sha256",):
             print(f"{key:>14}: {value}")
+    if nested:
+        print(f"{'more':>14}: {', '.join(nested)} (resmemnet info --json)")
     return 0

@@ -1,0 +1,57 @@
+"""Memorability datasets: one module per format, one entry point (`load_split`) for all of them.
+
+>>> split = load_split("lnsim", "../shared/datasets/lnsim", split=3, seed=0)
+>>> split.train.paths[:2], split.test.scores[:2], split.info["human_consistency"]
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from resmemnet.data.base import ImageScoreDataset, Split
+
+__all__ = ["DATASET_NAMES", "ImageScoreDataset", "Split", "describe_dataset", "load_split", "num_splits"]
+
+DATASET_NAMES = ("lamem", "sun", "lnsim", "memcat", "csv")
+_MODULES = {"lamem": "lamem", "sun": "sun", "lnsim": "lnsim", "memcat": "memcat", "csv": "csv_folder"}
+
+
+def _module(name: str, options: dict[str, Any]) -> ModuleType:
+    if name not in _MODULES:
+        raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
+    module = importlib.import_module(f"resmemnet.data.{_MODULES[name]}")
+    unknown = sorted(set(options) - set(module.OPTIONS))
+    if unknown:
+        valid = ", ".join(module.OPTIONS) or "none"
+        raise ValueError(f"Dataset {name!r} does not take option(s) {', '.join(unknown)}; valid options: {valid}")
+    return module
+
+
+def _given(options: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in options.items() if value is not None}  # unset CLI flags keep defaults
+
+
+def load_split(name: str, root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
+               transform: Any = None, **options: Any) -> Split:
+    """Split `split` of dataset `name` under `root`: train/test (and val for LaMem) ImageScoreDatasets.
+
+    Official splits are used where the dataset has them (LaMem, SUN); otherwise a seeded split is made,
+    recorded in `info`. Images absent on disk are skipped and counted in `info["absent"]`.
+    """
+    options = _given(options)
+    return _module(name, options).load_split(Path(root), split=split, seed=seed, test_fraction=test_fraction,
+                                             transform=transform, **options)
+
+
+def num_splits(name: str, root: str | Path, **options: Any) -> int:
+    options = _given(options)
+    return _module(name, options).num_splits(Path(root), **options)
+
+
+def describe_dataset(name: str, root: str | Path, **options: Any) -> dict[str, Any]:
+    """Images found and absent, split sizes, score statistics, human consistency where the data has it."""
+    options = _given(options)
+    return {"root": str(root), **_module(name, options).describe(Path(root), **options)}

@@ -141,7 +141,7 @@ def _resnet(arch: str, blocks: tuple[int, ...]) -> Callable[..., Backbone]:
         net.fc = nn.Identity()
         net.avgpool = nn.Identity()
         taps = [f"layer{stage + 1}.{i}" for stage, n in enumerate(blocks) for i in range(n)]
-        return Backbone(arch, net, ["conv1", "bn1", "relu", "maxpool"], taps, cam_layer="layer4")
+        return Backbone(arch, net, ["conv1", "bn1", "relu", "maxpool"], taps, cam_layer=taps[-1])
 
     return build
 

@@ -10,11 +10,13 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from resmemnet.data.transforms import Preprocessing
 from resmemnet.model.backbones import BACKBONES, create_backbone
 from resmemnet.model.heads import HEADS, create_head
+from resmemnet.model.resmem_weights import SOURCE_PREPROCESSING
 
 __all__ = ["ModelConfig", "ResMemNet", "create_model"]
 
@@ -77,7 +79,8 @@ class TapProjection(nn.Module):
         if pooled.shape[1] != sum(self.channels):
             raise ValueError(f"Expected {sum(self.channels)} pooled features per image, got {pooled.shape[1]}")
         parts = pooled.split(self.channels, dim=1)
-        projected = [conv(p[:, :, None, None]).flatten(1) for conv, p in zip(self.convs, parts, strict=True)]
+        # A 1x1 conv on a 1x1 map is a matrix product; F.linear on the same weights is ~10x faster on CPUs.
+        projected = [F.linear(p, conv.weight.flatten(1), conv.bias) for conv, p in zip(self.convs, parts, strict=True)]
         seq = torch.stack(projected, dim=1)
         return self.dropout(self.norm(seq))
 
@@ -174,5 +177,7 @@ def create_model(name_or_config: str | ModelConfig = "resnet50", *, preprocessin
         config = ModelConfig(**{**name_or_config.to_dict(), **overrides})
     else:
         config = ModelConfig(backbone=name_or_config, **overrides)
+    if preprocessing is None:  # weights from a pip package bring their own input scaling (resmem: [0, 1])
+        preprocessing = SOURCE_PREPROCESSING.get(config.backbone_weights or "")
     return ResMemNet(config, preprocessing=preprocessing, backbone_weights_path=backbone_weights_path)
 

