@@ -7,7 +7,7 @@ bf16/fp16, inference_mode, optional torch.compile) or the ONNX Runtime one in `r
 from __future__ import annotations
 
 import glob
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -110,7 +110,8 @@ def _scorer(model: ModelLike | Scorer, device: str | torch.device, precision: st
                        precision=precision)
 
 
-def _to_tensor(item: PredictInput, preprocessing: Preprocessing) -> torch.Tensor:
+def _to_tensor(item: PredictInput, preprocessing: Preprocessing,
+               transform: Callable[[Image.Image], torch.Tensor]) -> torch.Tensor:
     if isinstance(item, torch.Tensor):
         if item.ndim != 3 or item.shape[0] != 3:
             raise ValueError(f"A tensor input must be one preprocessed image (3, H, W), got {tuple(item.shape)}")
@@ -121,7 +122,7 @@ def _to_tensor(item: PredictInput, preprocessing: Preprocessing) -> torch.Tensor
         image = load_image(item, min_size=preprocessing.input_size)
     else:
         raise TypeError(f"Cannot score a {type(item).__name__}; pass paths, PIL images or (3, H, W) tensors")
-    return preprocessing.transforms()(image)
+    return transform(image)
 
 
 def predict(inputs: PredictInput | Sequence[PredictInput], model: ModelLike | Scorer = None, *,
@@ -139,10 +140,11 @@ def predict(inputs: PredictInput | Sequence[PredictInput], model: ModelLike | Sc
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     scorer = _scorer(model, device, precision)
+    transform = scorer.preprocessing.transforms()  # built once per call, not once per image
     scores: list[np.ndarray] = []
     for start in range(0, len(inputs), batch_size):
         chunk = inputs[start:start + batch_size]
-        scores.append(scorer(torch.stack([_to_tensor(x, scorer.preprocessing) for x in chunk])))
+        scores.append(scorer(torch.stack([_to_tensor(x, scorer.preprocessing, transform) for x in chunk])))
     return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
 
 
