@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/resmemnet info
 	$(PY) scripts/demo_images.py demo-output/images
-	$(VENV)/bin/resmemnet predict demo-output/images --output demo-output/scores.csv
+	$(VENV)/bin/resmemnet predict demo-output/images --output demo-output/scores.csv --overwrite
 	$(VENV)/bin/resmemnet explain demo-output/images --output-dir demo-output/heatmaps \
 		--contact-sheet demo-output/contact_sheet.png --top 2
 	@echo "scores: demo-output/scores.csv  heatmaps: demo-output/heatmaps/  overview: demo-output/contact_sheet.png"

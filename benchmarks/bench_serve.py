@@ -63,25 +63,27 @@ def _photo() -> tuple[str, bytes]:
     return "generated.jpg", buffer.getvalue()
 
 
-def _tiny_checkpoint(folder: Path) -> Path:
+def tiny_checkpoint(folder: Path) -> Path:
     from resmemnet import Preprocessing, create_model, save_checkpoint
 
     model = create_model("mobilenet_v3_large", proj_dim=16, hidden_dim=8, preprocessing=Preprocessing(resize=(64, 64)))
     return save_checkpoint(model.eval(), folder / "tiny.safetensors", metadata={"description": "benchmark only"})
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
 
 
-def _start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.Popen[bytes]:
+def start_server(checkpoint: Path | None, port: int, extra: list[str], ready_s: float = 120
+                 ) -> subprocess.Popen[bytes]:
+    """`resmemnet serve` on loopback (the bundled default model when checkpoint is None), once /healthz answers."""
     cli = "import sys; from resmemnet.cli import main; sys.exit(main())"
-    cmd = [sys.executable, "-c", cli, "serve", "--host", HOST, "--port", str(port), "--checkpoint", str(checkpoint),
-           *extra]
+    model = [] if checkpoint is None else ["--checkpoint", str(checkpoint)]
+    cmd = [sys.executable, "-c", cli, "serve", "--host", HOST, "--port", str(port), *model, *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + ready_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
@@ -92,7 +94,7 @@ def _start_server(checkpoint: Path, port: int, extra: list[str]) -> subprocess.P
             pass
         time.sleep(0.2)
     proc.terminate()
-    raise RuntimeError("server did not answer /healthz within 120 s")
+    raise RuntimeError(f"server did not answer /healthz within {ready_s:g} s")
 
 
 async def _level(url: str, config: str, clients: int, total: int, max_seconds: float, photo: tuple[str, bytes]
@@ -144,10 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     photo = _photo()
     levels: list[Level] = []
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint or _tiny_checkpoint(Path(tmp))
+        checkpoint = args.checkpoint or tiny_checkpoint(Path(tmp))
         for name, extra in configs.items():
-            port = _free_port()
-            server = _start_server(checkpoint, port, extra)
+            port = free_port()
+            server = start_server(checkpoint, port, extra)
             try:
                 for clients in args.clients:
                     levels.append(asyncio.run(_level(f"http://{HOST}:{port}", name, clients, args.requests,

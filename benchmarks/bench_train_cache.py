@@ -6,7 +6,7 @@
 Both arms run the real training loop (`resmemnet.train.train`) for the same frozen epochs on the
 same images with the same config; only `cache_features` differs. images/s counts the training
 steps only (the loop's own per-epoch figure); the one-off cache build is timed on its own
-(the cached run then finds it), with its cost in image-path epochs. CPU, as configured by `amp=auto`.
+(the cached run then finds it), with its cost in image-path epochs. CPU, as configured by `precision=auto`.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from resmemnet.data import load_split
 from resmemnet.data.base import ImageScoreDataset, Split
 from resmemnet.model.resmemnet import create_model
+from resmemnet.runtime import choose_precision
 from resmemnet.train.cache import build_feature_cache
 from resmemnet.train.config import load_config
-from resmemnet.train.data import load_split, synthetic_split
-from resmemnet.train.loop import amp_dtype, model_preprocessing, train
+from resmemnet.train.loop import model_preprocessing, train
 
 LNSIM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lnsim"
 
@@ -51,7 +52,7 @@ def main() -> None:
             full = load_split("lnsim", LNSIM, split=0, seed=0)
             source = f"LNSIM split 0, first {args.images} train images"
         else:
-            full = synthetic_split(Path(tmp) / "syn", n=args.images + 64, size=256)
+            full = load_split("synthetic", Path(tmp) / "syn", n=args.images + 64, size=256)
             source = "synthetic 256x256 PNGs (LNSIM absent)"
         train_ds = _head(full.train, args.images)
         val = ImageScoreDataset(full.train.paths[args.images:args.images + 24], full.train.scores[args.images:][:24])
@@ -69,7 +70,7 @@ def main() -> None:
                 start = time.perf_counter()
                 build_feature_cache(model, split.train, config.cache_dir, views=2, dtype=config.cache_dtype,
                                     batch_size=2 * args.batch_size, workers=args.workers,
-                                    autocast_dtype=amp_dtype(config, torch.device("cpu")))
+                                    precision=choose_precision(config.precision, torch.device("cpu")))
                 build_s = time.perf_counter() - start
             result = train(config, split, Path(tmp) / arm)
             results[arm] = {"images_per_s": float(np.median([r["images_per_s"] for r in result.history])),

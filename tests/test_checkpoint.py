@@ -1,13 +1,21 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from resmemnet import CheckpointError, create_model, load_checkpoint, load_model, read_metadata, save_checkpoint
-from resmemnet.data.transforms import Preprocessing
-from resmemnet.model.backbones import BACKBONES, WEIGHT_SOURCES
+from resmemnet import checkpoint as checkpoint_module
+from resmemnet.model import weights as weights_module
+from resmemnet.model.backbones import BACKBONES
 from resmemnet.model.heads import HEADS
+from resmemnet.model.preprocessing import Preprocessing
+from resmemnet.model.weights import Weights
+
+SLOW_BACKBONES = {"resnet101", "resnet152"}  # a ResNet-101/152 round trip takes many seconds on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +45,8 @@ def test_metadata_is_readable_without_loading_weights(saved):
     assert len(meta["weights_sha256"]) == 64
 
 
-@pytest.mark.parametrize("backbone", BACKBONES.names())
+@pytest.mark.parametrize("backbone", [pytest.param(b, marks=pytest.mark.slow) if b in SLOW_BACKBONES else b
+                                      for b in BACKBONES.names()])
 @pytest.mark.parametrize("head", HEADS.names())
 def test_every_backbone_and_head_builds_runs_and_round_trips(tmp_path, backbone, head):
     model = create_model(backbone, head=head, proj_dim=32, hidden_dim=16).eval()
@@ -53,9 +62,15 @@ def test_every_backbone_and_head_builds_runs_and_round_trips(tmp_path, backbone,
 
 
 def test_peephole_option_round_trips(tmp_path):
-    model = create_model("mobilenet_v3_large", peephole=True, proj_dim=16, hidden_dim=8)
+    model = create_model("mobilenet_v3_large", peephole=True, proj_dim=16, hidden_dim=8).eval()
+    with torch.no_grad():
+        for p in (model.head.rnn.w_ci, model.head.rnn.w_cf, model.head.rnn.w_co):
+            torch.nn.init.normal_(p)  # non-zero peepholes: the saved cell must be the one that runs
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "p.safetensors"))
-    assert loaded.config.peephole and type(loaded.head.rnn).__name__ == "PeepholeLSTM"
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), loaded(x))
+    torch.testing.assert_close(loaded.head.rnn.w_co, model.head.rnn.w_co)
 
 
 def test_pickle_checkpoint_is_refused(tmp_path):
@@ -104,10 +119,18 @@ def test_newer_format_asks_for_an_upgrade(tmp_path):
         load_checkpoint(path)
 
 
+def _offline_source(monkeypatch, name: str, arch: str) -> torch.nn.Module:
+    """Register a trunk weights object that fits `arch` and holds a fixed random net."""
+    net = create_model(arch).backbone.net
+    monkeypatch.setitem(weights_module._WEIGHTS, name, Weights(
+        name=name, kind="trunk", arch=arch, loader=lambda a: net.state_dict(), preprocessing=Preprocessing(),
+        meta={"licence": "test", "offline": True}))
+    return net
+
+
 def test_head_only_checkpoint_rebuilds_backbone_from_its_weight_source(tmp_path, monkeypatch):
-    source_net = create_model("mobilenet_v3_large").backbone.net
-    monkeypatch.setitem(WEIGHT_SOURCES._builders, "test-source", lambda arch: source_net.state_dict())
-    model = create_model("mobilenet_v3_large", backbone_weights="test-source", proj_dim=16).eval()
+    _offline_source(monkeypatch, "test-source", "mobilenet_v3_large")
+    model = create_model("mobilenet_v3_large", weights="test-source", proj_dim=16).eval()
     path = save_checkpoint(model, tmp_path / "head.safetensors", include_backbone=False)
     full = save_checkpoint(model, tmp_path / "full.safetensors")
     assert path.stat().st_size < full.stat().st_size / 10  # no backbone tensors in the file
@@ -117,6 +140,109 @@ def test_head_only_checkpoint_rebuilds_backbone_from_its_weight_source(tmp_path,
         assert torch.allclose(model(x), loaded(x), atol=1e-6)
 
 
-def test_head_only_save_needs_a_weight_source(tmp_path):
+def test_head_only_save_needs_an_offline_weight_source(tmp_path):
     with pytest.raises(CheckpointError, match="backbone_weights"):
         save_checkpoint(create_model("mobilenet_v3_large"), tmp_path / "x.safetensors", include_backbone=False)
+    downloads = create_model("mobilenet_v3_large", head="last")
+    downloads.config = downloads.config.__class__(**{**downloads.config.to_dict(), "backbone_weights": "IMAGENET1K_V2"})
+    with pytest.raises(CheckpointError, match="'IMAGENET1K_V2' need a download"):
+        save_checkpoint(downloads, tmp_path / "x.safetensors", include_backbone=False)
+
+
+# ---- hostile or damaged metadata: every check happens before tensors are read or a model is built
+
+
+def _rewrite(src: Path, dst: Path, **changes) -> Path:
+    """Copy a checkpoint with metadata fields changed (`config` is merged key by key); tensors untouched."""
+    with safe_open(src, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["resmemnet"])
+    meta["config"] |= changes.pop("config", {})
+    save_file(tensors, dst, metadata={"resmemnet": json.dumps(meta | changes)})
+    return dst
+
+
+@pytest.fixture
+def small(tmp_path):
+    return save_checkpoint(create_model("mobilenet_v3_large", head="last", proj_dim=8), tmp_path / "small.safetensors")
+
+
+@pytest.fixture
+def nothing_is_read_or_built(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("tensors were read or a model was built before the metadata was checked")
+
+    monkeypatch.setattr(checkpoint_module, "load_file", refuse)
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
+
+
+@pytest.mark.parametrize("proj_dim", [10**4, 10**6, 10**9])
+def test_absurd_sizes_fail_on_the_schema_naming_the_file(small, tmp_path, nothing_is_read_or_built, proj_dim):
+    bad = _rewrite(small, tmp_path / "bad.safetensors", config={"proj_dim": proj_dim})
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    message = str(info.value)
+    assert message.startswith(f"{bad} has invalid metadata") and "\n" not in message
+    assert f"proj_dim must be an integer in 1..4096, got {proj_dim}" in message
+
+
+def test_sizes_that_disagree_with_the_tensors_fail_before_reading_them(small, tmp_path, nothing_is_read_or_built):
+    bad = _rewrite(small, tmp_path / "bad.safetensors", config={"proj_dim": 4000})
+    with pytest.raises(CheckpointError, match=f"{bad} does not fit its own architecture: head.fc.weight is "
+                                              r"\(1, 8\), expected \(1, 4000\)"):
+        load_checkpoint(bad)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"config": {"proj_dim": 8.5}}, "config.proj_dim: .*integer"),
+    ({"config": {"proj_dim": "8"}}, "config.proj_dim: .*integer"),
+    ({"config": {"backbone": "resnet5"}}, "Unknown backbone 'resnet5'"),
+    ({"config": {"backbone_weights": "nonsense"}}, "Unknown weights 'nonsense'"),
+    ({"config": {"extra": 1}}, r"config: unknown keys \['extra'\]"),
+    ({"preprocessing": {"resize": [10**6, 10**6]}}, "resize must be .* 1..4096"),
+    ({"backbone_in_file": "yes"}, "backbone_in_file: Input should be a valid boolean"),
+    ({"weights_sha256": "x"}, "weights_sha256: String should match pattern"),
+])
+def test_malformed_metadata_is_one_line_naming_the_file(small, tmp_path, nothing_is_read_or_built, changes, message):
+    bad = _rewrite(small, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(CheckpointError, match=f"^{bad} .*{message}") as info:
+        read_metadata(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_a_checkpoint_never_downloads_its_backbone(small, tmp_path, nothing_is_read_or_built):
+    bad = _rewrite(small, tmp_path / "bad.safetensors", backbone_in_file=False,
+                   config={"backbone_weights": "IMAGENET1K_V2"})
+    with pytest.raises(CheckpointError, match=f"{bad} holds no backbone: .*'IMAGENET1K_V2' need a download"):
+        load_checkpoint(bad)
+
+
+def test_altered_metadata_fails_the_hash(small, tmp_path):
+    assert read_metadata(small)["format_version"] == 2
+    bad = _rewrite(small, tmp_path / "bad.safetensors", licence="MIT, says the attacker")
+    with pytest.raises(CheckpointError, match="weights and metadata do not match the SHA-256"):
+        load_checkpoint(bad)
+
+
+def test_version_1_files_still_load_with_the_tensors_hashed(small, tmp_path):
+    model = load_checkpoint(small)
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    v1 = _rewrite(small, tmp_path / "v1.safetensors", format_version=1,
+                  weights_sha256=checkpoint_module.weights_digest(tensors))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(load_checkpoint(v1)(x), model(x))
+
+
+def test_a_directory_is_named_as_one(tmp_path):
+    with pytest.raises(CheckpointError, match=f"{tmp_path} is a directory, not a checkpoint file"):
+        load_model(tmp_path)
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(small, tmp_path):
+    for pad in range(256):  # the first byte of a safetensors file is its header length, mod 256
+        path = _rewrite(small, tmp_path / "odd.safetensors", note="x" * pad)
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_metadata(path)["note"] == "x" * pad

@@ -16,6 +16,7 @@ def test_lnsim_json_reports_present_absent_and_human_consistency(capsys):
     assert main(["dataset", "--dataset", "lnsim", "--root", str(root)]) == 0
     text = capsys.readouterr().out
     assert "2,231 present, 401 absent of 2,632 listed" in text and "human consistency: 0.779" in text
+    assert "unscored (nobody saw it): 0 image-splits in half 1, 0 in half 2; 0 images never scored" in text
 
 
 def test_csv_dataset_and_errors(tmp_path, capsys):

@@ -13,7 +13,7 @@ import pytest
 
 from resmemnet import Preprocessing, create_model, predict, save_checkpoint
 from resmemnet.cli import main
-from resmemnet.cli.predict import read_rows
+from resmemnet.jobs import read_rows
 from tests.conftest import make_photo
 
 BIN = Path(sys.executable).parent
@@ -71,18 +71,59 @@ def test_formats_order_errors_and_exit_code(checkpoint, photo_dir, tmp_path, cap
     assert main(["predict", str(photo_dir / "img0.jpg"), "--checkpoint", checkpoint, "--no-progress"]) == 0
 
 
-def test_bad_arguments_are_one_line_errors(checkpoint, photo_dir, tmp_path, capsys):
-    base = ["predict", str(photo_dir), "--checkpoint", checkpoint]
-    assert main([*base, "--output", str(tmp_path / "x.txt")]) == 2
-    assert "use one of: .csv, .jsonl, .json" in capsys.readouterr().err
-    assert main([*base, "--resume"]) == 2
-    assert "--resume needs --output" in capsys.readouterr().err
-    assert main(["predict", str(tmp_path / "nothing*.jpg"), "--checkpoint", checkpoint]) == 2
-    assert "No files match" in capsys.readouterr().err
-    assert main([*base, "--backend", "onnxruntime"]) == 2
-    assert "needs --onnx" in capsys.readouterr().err
-    assert main([*base, "--precision", "fp16", "--device", "cpu"]) == 2
-    assert "fp16 autocast is for GPUs" in capsys.readouterr().err
+def test_one_row_per_image_however_named_and_resumed(checkpoint, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    names = ["=HYPERLINK(\"x\").jpg", "+1+1.jpg", "plain.jpg", "two\nlines.jpg"]
+    for i, name in enumerate(names):
+        make_photo(folder / name, size=(16, 16), seed=i)
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "scores.csv"
+    args = ["--checkpoint", checkpoint, "--workers", "0", "--no-progress", "--batch-size", "2", "--output", str(out)]
+    assert main(["predict", "photos", str(folder), "photos/plain.jpg", *args]) == 0
+    rows = read_rows(out)
+    assert sorted(r.path for r in rows) == sorted(f"photos/{n}" for n in names)
+    capsys.readouterr()
+
+    make_photo(folder / "new.jpg", size=(16, 16), seed=9)
+    assert main(["predict", str(folder), "photos", *args, "--resume"]) == 0  # other spelling, then the first
+    assert "1 scored, 4 already in" in capsys.readouterr().err
+    rows = read_rows(out)
+    assert len(rows) == 5 and len({os.path.realpath(r.path) for r in rows}) == 5
+
+    monkeypatch.chdir(folder)
+    capsys.readouterr()
+    assert main(["predict", *names[:2], *args[:-1], str(tmp_path / "here.csv")]) == 0
+    with (tmp_path / "here.csv").open(newline="") as f:
+        first_cells = [line[0] for line in csv.reader(f)][1:]
+    assert first_cells == ["'=HYPERLINK(\"x\").jpg", "'+1+1.jpg"]  # a spreadsheet shows them, runs nothing
+    assert main(["predict", *names[:2], *args[:-1], str(tmp_path / "here.csv"), "--resume"]) == 0
+    assert "0 scored, 2 already in" in capsys.readouterr().err
+    assert [r.path for r in read_rows(tmp_path / "here.csv")] == names[:2]
+
+
+def test_links_odd_formats_and_folders_named_like_images(checkpoint, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    make_photo(folder / "real.jpg", size=(16, 16))
+    make_photo(folder / "really_jpeg.heic", size=(16, 16), fmt="JPEG")
+    (folder / "real.heic").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(40))
+    (folder / "dangling.jpg").symlink_to(folder / "gone.jpg")
+    (folder / "loop.jpg").symlink_to(folder / "loop.jpg")
+    (folder / "x.jpg").mkdir()
+    (tmp_path / "empty.jpg").mkdir()
+    out = tmp_path / "o.jsonl"
+    code = main(["predict", str(tmp_path / "empty.jpg"), str(folder), "--checkpoint", checkpoint, "--workers", "0",
+                 "--no-progress", "--output", str(out)])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"warning: skipped {folder / 'x.jpg'}: a folder, not an image" in err
+    assert "warning: no images" in err and "empty.jpg" in err
+    rows = {Path(r.path).name: r for r in read_rows(out)}
+    assert sorted(rows) == ["dangling.jpg", "loop.jpg", "real.heic", "real.jpg", "really_jpeg.heic"]
+    assert rows["real.jpg"].score is not None and rows["really_jpeg.heic"].score is not None
+    assert "unsupported format" in rows["real.heic"].error
+    assert rows["dangling.jpg"].error == rows["loop.jpg"].error == "file not found"
 
 
 @pytest.mark.slow
@@ -147,3 +188,26 @@ def test_torchrun_two_gloo_ranks_merge_into_one_file_in_order_and_resume(checkpo
     assert [r.error for r in rows] == [r.error for r in expected]
     np.testing.assert_allclose([r.score or 0 for r in rows], [r.score or 0 for r in expected], atol=1e-6)
     assert not list(tmp_path.glob("*.part.jsonl"))
+
+
+def test_resume_repairs_a_file_with_the_same_image_twice(checkpoint, photo_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(photo_dir)
+    out = tmp_path / "o.jsonl"
+    rows = [{"path": "img0.jpg", "score": 0.5, "error": ""}, {"path": str(photo_dir / "img0.jpg"), "score": 0.5,
+                                                               "error": ""}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))  # what an older version wrote
+    assert main(["predict", ".", "--checkpoint", checkpoint, "--workers", "0", "--no-progress", "-o", str(out),
+                 "--resume"]) == 0
+    paths = [os.path.realpath(r.path) for r in read_rows(out)]
+    assert sorted(paths) == sorted(str(p) for p in photo_dir.glob("*.jpg")) and len(paths) == 6
+
+
+def test_overwrite_replaces_an_existing_output(checkpoint, photo_dir, tmp_path):
+    out = tmp_path / "scores.csv"
+    out.write_text("path,score,error\nold.jpg,0.5,\n", encoding="utf-8")
+    args = ["predict", str(photo_dir), "--checkpoint", checkpoint, "--workers", "0", "--no-progress",
+            "--output", str(out)]
+    assert main(args) == 2  # refused: the file exists and neither --resume nor --overwrite was given
+    assert main([*args, "--overwrite"]) == 0
+    rows = read_rows(out)
+    assert [r.path for r in rows] == sorted(str(p) for p in photo_dir.glob("*.jpg"))  # old.jpg is gone

@@ -10,10 +10,11 @@ from scipy import stats
 
 from resmemnet import create_model, save_checkpoint
 from resmemnet.cli import main
+from resmemnet.data import load_split
 from resmemnet.data.base import ImageScoreDataset
 from resmemnet.data.images import ImageLoadError
-from resmemnet.data.transforms import Preprocessing
 from resmemnet.evaluate import evaluate, evaluate_splits
+from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.predict import predict
 from resmemnet.report import write_report
 from tests.conftest import make_photo
@@ -60,7 +61,7 @@ def test_metrics_are_over_the_whole_set_and_bad_images_are_listed(mixed_folder, 
     good, bad = mixed_folder
     paths = [*good[:3], *bad, *good[3:]]  # bad files in the middle: later scores must not shift
     true = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.5, 0.7, 0.3, 0.4, 0.6])  # ties on purpose
-    result = evaluate(tiny_model, ImageScoreDataset(paths, true), batch_size=3)
+    result = evaluate(tiny_model, ImageScoreDataset(paths, true), batch_size=3, precision="fp32")
     assert (result["n_images"], result["n_scored"], result["n_failed"]) == (10, 6, 4)
     assert [f["path"] for f in result["failed"]] == [str(p) for p in bad]
     for failure, reason in zip(result["failed"], bad.values(), strict=True):
@@ -78,11 +79,15 @@ def test_metrics_are_over_the_whole_set_and_bad_images_are_listed(mixed_folder, 
 def test_splits_summary_has_mean_std_and_human_consistency(tmp_path, tiny_model):
     _tiny_lnsim(tmp_path)
     result = evaluate_splits(tiny_model, "lnsim", tmp_path, max_splits=3, test_fraction=0.5, batch_size=8)
+    absent = [s["info"]["absent"]["test"] for s in result["splits"]]
+    assert [s["n_absent"] for s in result["splits"]] == absent and result["summary"]["absent"] == sum(absent) > 0
+    assert result["summary"]["failed"] == 0
     assert result["splits_evaluated"] == [0, 1, 2] and result["splits_available"] == 4
     rhos = [s["metrics"]["spearman"] for s in result["splits"]]
     assert result["summary"]["spearman"]["mean"] == pytest.approx(np.mean(rhos))
     assert result["summary"]["spearman"]["std"] == pytest.approx(np.std(rhos, ddof=1))
-    humans = [s["info"]["human_consistency"] for s in result["splits"]]
+    humans = [s["human_consistency"] for s in result["splits"]]
+    assert all(h is not None for h in humans)
     assert result["summary"]["human_consistency"]["mean"] == pytest.approx(np.mean(humans))
     one = evaluate_splits(tiny_model, "lnsim", tmp_path, splits=[3], test_fraction=0.5)
     assert one["splits_evaluated"] == [3] and one["summary"]["spearman"]["std"] == 0.0
@@ -113,6 +118,9 @@ def test_cli_evaluate_with_a_checkpoint_writes_json_and_report(tmp_path, tiny_mo
                  str(checkpoint), "--max-splits", "2", "--test-fraction", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "split 0:" in out and "split 1:" in out and "mean over 2 split(s)" in out and "human consistency" in out
+    absent = sum(load_split("lnsim", tmp_path / "lnsim", split=i, test_fraction=0.5).info["absent"]["test"]
+                 for i in (0, 1))
+    assert f"left out of the metrics: {absent} listed test image(s) absent from disk, 0 that failed" in out
     assert main(["evaluate", "--dataset", "lnsim", "--root", str(tmp_path / "lnsim"), "--checkpoint",
                  str(checkpoint), "--split", "9"]) == 2
     assert "splits 0..3" in capsys.readouterr().err

@@ -123,3 +123,24 @@ def test_resnet_default_layer_runs_and_a_container_that_never_runs_is_named():
     assert explain(_images(1), m)[0].heatmap.max() > 0.5
     with pytest.raises(ValueError, match="never ran in the forward pass.*backbone.net.layer4.2"):
         explain(_images(1), m, layer="backbone.net.layer4")
+
+
+def test_explain_leaves_the_callers_model_as_it_was(model):
+    model.train()
+    for p in model.head.parameters():
+        p.grad = torch.full_like(p, 7.0)  # a training step's gradients, half-way
+    flags = [m.training for m in model.modules()]
+    grads = {name: p.grad for name, p in model.named_parameters()}
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        out = explain(_images(2), model, device="cpu")
+    finally:
+        after_flags = [m.training for m in model.modules()]
+        model.eval()
+    assert after_flags == flags
+    assert {name: p.grad for name, p in model.named_parameters()} == grads
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == requires
+    assert all(e.heatmap.max() > 0.5 for e in out)
+    np.testing.assert_allclose([e.score for e in out], predict(_images(2), model), atol=1e-5)  # scored in eval mode
+    for p in model.head.parameters():
+        p.grad = None

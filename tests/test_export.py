@@ -5,9 +5,9 @@ import torch
 
 from resmemnet import Preprocessing, create_model, load_model, save_checkpoint
 from resmemnet.cli import main
-from resmemnet.cli.predict import read_rows
-from resmemnet.export import OnnxScorer, compare_onnx
-from resmemnet.predict import find_images
+from resmemnet.export import compare_onnx
+from resmemnet.inference import OnnxScorer
+from resmemnet.jobs import read_rows, scan_images
 from tests.conftest import make_photo, shared_dataset
 
 
@@ -49,7 +49,7 @@ def test_preprocessing_travels_in_the_onnx_metadata(exported):
 @pytest.mark.slow
 def test_onnxruntime_matches_pytorch_on_real_photos(exported):
     model, _, onnx_path = exported
-    photos = find_images([shared_dataset("bsds500")], recursive=True)[:16]
+    photos = scan_images([shared_dataset("bsds500")], recursive=True).paths[:16]
     assert compare_onnx(model, onnx_path, photos) < 1e-4
 
 

@@ -2,7 +2,17 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from resmemnet.metrics import mean_std, mse, pearson, regression_metrics, spearman, top_bottom
+from resmemnet.data.base import ImageScoreDataset, Split
+from resmemnet.metrics import (
+    human_consistency,
+    mean_std,
+    mse,
+    pearson,
+    regression_metrics,
+    spearman,
+    split_half_consistency,
+    top_bottom,
+)
 
 
 def test_spearman_equals_scipy_on_data_with_ties():
@@ -44,3 +54,26 @@ def test_mismatched_or_tiny_inputs_are_rejected():
         spearman([1, 2, 3], [1, 2])
     with pytest.raises(ValueError, match="at least 2"):
         spearman([1], [1])
+
+
+def _split(half2, other_half):
+    test = ImageScoreDataset([f"{i}.jpg" for i in range(len(half2))], half2)
+    return Split(train=test, test=test, test_other_half=other_half)
+
+
+def test_split_half_consistency_leaves_out_images_nobody_in_half_1_saw():
+    half2 = np.array([0.1, 0.2, 0.3, 0.4, 0.5])
+    half1 = np.array([0.15, np.nan, 0.2, 0.6, 0.5])
+    assert split_half_consistency(_split(half2, half1)) == pytest.approx(0.8)  # ranks 1 2 4 3 vs 1 2 3 4
+    assert split_half_consistency(_split(half2, None)) is None  # one score per image: nothing to compare
+    assert np.isnan(split_half_consistency(_split(half2[:2], np.array([0.3, np.nan]))))
+    with pytest.raises(ValueError, match="4 half-1 scores for 5 test images"):
+        split_half_consistency(_split(half2, half1[:4]))
+
+
+def test_human_consistency_is_the_mean_over_splits():
+    half1 = np.array([[0.1, 0.2, 0.3, 0.4], [0.4, 0.3, np.nan, 0.1]])
+    half2 = np.array([[0.1, 0.3, 0.2, 0.4], [0.1, 0.2, 0.3, 0.4]])
+    result = human_consistency(half1, half2)
+    assert result["per_split"] == pytest.approx([0.8, -1.0])
+    assert (result["mean"], result["n"]) == (pytest.approx(-0.1), 2)

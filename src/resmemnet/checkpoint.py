@@ -1,9 +1,13 @@
 """The project's one checkpoint format: safetensors weights with JSON metadata inside the file.
 
 safetensors holds raw tensors only, so loading a file from the internet can never run code
-(unlike pickle-based .pt files, which are refused). The metadata carries the architecture,
-the preprocessing and a SHA-256 of the weights, so a file rebuilds its exact model on its own
-and a tampered one is caught.
+(unlike pickle-based .pt files, which are refused). The metadata carries the architecture and
+the preprocessing, so a file rebuilds its exact model on its own. Nothing in a file is trusted
+before it is checked: the metadata against a strict schema (types, ranges, known names), the
+tensor shapes in the header against the declared architecture (before any tensor is read), and
+the SHA-256 recorded in the file, which covers the tensors and, from format version 2 on, the
+metadata too. Loading never downloads: a backbone that is not in the file must come from an
+offline weight source.
 """
 
 from __future__ import annotations
@@ -12,21 +16,24 @@ import hashlib
 import json
 import os
 import tempfile
+from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from resmemnet import __version__
-from resmemnet.data.transforms import Preprocessing
+from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ModelConfig, ResMemNet
+from resmemnet.model.weights import trunk_weights
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save_file", "load_checkpoint", "read_metadata", "save_checkpoint"]
 
 FORMAT = "resmemnet-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the SHA-256 covers the metadata too; version-1 files (tensors only) still load
 _META_KEY = "resmemnet"
 _BACKBONE_PREFIX = "backbone."
 
@@ -35,13 +42,29 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unsafe, damaged or does not match its own description."""
 
 
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order."""
+class _Header(BaseModel):
+    """The metadata fields loading relies on; other keys (licence, metrics, ...) pass through unchecked."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    format: Literal["resmemnet-checkpoint"]
+    format_version: int = Field(ge=1)
+    config: ModelConfig
+    preprocessing: Preprocessing
+    backbone_in_file: bool = True
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+def weights_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order, then the metadata (version 2)."""
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    if metadata is not None:
+        unhashed = {k: v for k, v in metadata.items() if k != "weights_sha256"}
+        digest.update(json.dumps(unhashed, sort_keys=True, separators=(",", ":")).encode())
     return digest.hexdigest()
 
 
@@ -50,11 +73,11 @@ def save_checkpoint(model: ResMemNet, path: str | Path, *, metadata: dict[str, A
     """Write atomically (temp file + rename), so a crash never leaves a half-written checkpoint.
 
     `include_backbone=False` stores only what training changed; the backbone is then rebuilt at
-    load time from `config.backbone_weights`, which must name an offline-available source.
+    load time from `config.backbone_weights`, which must name an offline weight source.
     """
     path = Path(path)
-    if not include_backbone and model.config.backbone_weights is None:
-        raise CheckpointError("include_backbone=False needs config.backbone_weights to rebuild the backbone")
+    if not include_backbone:
+        _offline_trunk(model.config, f"include_backbone=False for {path}")
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in model.state_dict().items()
                if include_backbone or not k.startswith(_BACKBONE_PREFIX)}
     meta = {
@@ -66,8 +89,9 @@ def save_checkpoint(model: ResMemNet, path: str | Path, *, metadata: dict[str, A
         "config": model.config.to_dict(),
         "preprocessing": model.preprocessing.to_dict(),
         "backbone_in_file": include_backbone,
-        "weights_sha256": weights_digest(tensors),
     }
+    meta = json.loads(json.dumps(meta))  # hash exactly what a reader will parse (tuples become lists)
+    meta["weights_sha256"] = weights_digest(tensors, meta)
     return atomic_save_file(tensors, path, {_META_KEY: json.dumps(meta)})
 
 
@@ -87,27 +111,49 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadat
 
 
 def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory, not a checkpoint file; pass the .safetensors file in it")
     if not path.is_file():
         raise CheckpointError(f"Checkpoint not found: {path}")
+
+
+def _looks_pickled(path: Path) -> bool:
+    """torch.save output: a zip archive, or a bare pickle (protocol 2-5). Asked only of non-safetensors files."""
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        raise CheckpointError(
-            f"{path} is a pickle-based PyTorch file. resmemnet only loads .safetensors checkpoints, "
-            "because unpickling a file can run arbitrary code. Convert it where you trust it: "
-            "resmemnet.save_checkpoint(model, 'model.safetensors')."
-        )
+        head = f.read(4)
+    return head[:4] == b"PK\x03\x04" or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def _offline_trunk(config: ModelConfig, what: str) -> None:
+    """A backbone rebuilt from a named source must never need a download."""
+    if config.backbone_weights is None:
+        raise CheckpointError(f"{what} needs config.backbone_weights to rebuild the backbone")
+    weights = trunk_weights(config.backbone_weights, config.backbone)
+    if not weights.meta["offline"]:
+        raise CheckpointError(f"{what}: backbone weights {weights.name!r} need a download, and a checkpoint "
+                              "never triggers one; store the backbone in the file (include_backbone=True) "
+                              "or use an offline source (resmemnet info --list)")
+
+
+def _one_line(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'metadata'}: {e['msg']}" for e in exc.errors())
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The checkpoint's metadata, without loading its tensors."""
+    """The checkpoint's metadata, checked against the schema, without reading its tensors."""
     path = Path(path)
     _check_readable(path)
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get(_META_KEY)
     except (SafetensorError, OSError) as exc:
-        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from exc
+        if _looks_pickled(path):
+            raise CheckpointError(
+                f"{path} is a pickle-based PyTorch file. resmemnet only loads .safetensors checkpoints, "
+                "because unpickling a file can run arbitrary code. Convert it where you trust it: "
+                "resmemnet.save_checkpoint(model, 'model.safetensors')."
+            ) from None
+        raise CheckpointError(f"{path} is not a valid safetensors file (truncated or corrupt?): {exc}") from None
     if raw is None:
         raise CheckpointError(f"{path} is a safetensors file but not a resmemnet checkpoint "
                               f"(no '{_META_KEY}' metadata)")
@@ -115,36 +161,64 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} has damaged metadata: {exc}") from exc
-    if meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{path} metadata does not describe a {FORMAT} (format={meta.get('format')!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path} uses format version {meta['format_version']}; "
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise CheckpointError(f"{path} metadata does not describe a {FORMAT} (format={found!r})")
+    version = meta.get("format_version")
+    if isinstance(version, int) and version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses format version {version}; "
                               f"this resmemnet ({__version__}) reads up to {FORMAT_VERSION}. Upgrade resmemnet.")
+    for key, kind in (("config", ModelConfig), ("preprocessing", Preprocessing)):
+        section = meta.get(key)
+        unknown = sorted(set(section) - {f.name for f in fields(kind)}) if isinstance(section, dict) else []
+        if unknown:
+            raise CheckpointError(f"{path} has invalid metadata: {key}: unknown keys {unknown}")
+    try:
+        header = _Header.model_validate_json(raw)
+    except ValidationError as exc:
+        raise CheckpointError(f"{path} has invalid metadata: {_one_line(exc)}") from None
+    except ValueError as exc:  # ModelConfig / Preprocessing checks: ranges and known names
+        raise CheckpointError(f"{path} describes a model this resmemnet cannot build: {exc}") from None
+    if not header.backbone_in_file:
+        _offline_trunk(header.config, f"{path} holds no backbone")
     return meta
+
+
+def _check_tensor_shapes(path: Path, config: ModelConfig, backbone_in_file: bool) -> None:
+    """Compare the header's shapes with the declared architecture, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ResMemNet(config).state_dict().items()
+                    if backbone_in_file or not k.startswith(_BACKBONE_PREFIX)}
+    with safe_open(path, framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not fit its own architecture: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    wrong = [f"{k} is {found[k]}, expected {v}" for k, v in sorted(expected.items()) if found[k] != v]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit its own architecture: {'; '.join(wrong[:3])}")
 
 
 def load_checkpoint(path: str | Path) -> ResMemNet:
     """Rebuild the exact model (architecture, preprocessing, metadata) from the file alone, on the CPU."""
     path = Path(path)
     meta = read_metadata(path)
+    config, preprocessing = ModelConfig.from_dict(meta["config"]), Preprocessing.from_dict(meta["preprocessing"])
+    backbone_in_file = meta.get("backbone_in_file", True)
+    _check_tensor_shapes(path, config, backbone_in_file)
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path} could not be read (truncated or corrupt?): {exc}") from exc
-    if weights_digest(tensors) != meta.get("weights_sha256"):
-        raise CheckpointError(f"{path}: weights do not match the SHA-256 recorded in the file; "
-                              "it was altered or damaged")
-    try:
-        config = ModelConfig.from_dict(meta["config"])
-        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path} describes a model this resmemnet cannot build: {exc}") from exc
-    backbone_in_file = bool(meta.get("backbone_in_file", True))
-    model = ResMemNet(config, preprocessing=preprocessing, load_backbone_weights=not backbone_in_file)
-    result = model.load_state_dict(tensors, strict=False)
-    missing = [k for k in result.missing_keys if backbone_in_file or not k.startswith(_BACKBONE_PREFIX)]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{path} does not fit its own architecture: missing {missing[:5]}, "
-                              f"unexpected {result.unexpected_keys[:5]}")
+    covered = meta if meta["format_version"] >= 2 else None
+    if weights_digest(tensors, covered) != meta["weights_sha256"]:
+        what = "weights and metadata do" if covered else "weights do"
+        raise CheckpointError(f"{path}: {what} not match the SHA-256 recorded in the file; it was altered or damaged")
+    model = ResMemNet(config, preprocessing=preprocessing)
+    if not backbone_in_file:
+        weights = trunk_weights(config.backbone_weights, config.backbone)
+        model.backbone.load_trunk(weights.get_state_dict(config.backbone), source=f"weights {weights.name!r}")
+    model.load_state_dict(tensors, strict=backbone_in_file)
     model.metadata = {k: v for k, v in meta.items() if k not in ("config", "preprocessing", "weights_sha256")}
     return model.eval()

@@ -1,7 +1,8 @@
 """Evaluating a model on a memorability test set, and over a dataset's splits (mean +- std).
 
 Metrics are computed once over the whole test set, never averaged over mini-batches. Files that
-cannot be decoded are listed with their reason and left out of the metrics.
+cannot be decoded are listed with their reason and left out of the metrics; images the dataset
+lists but that are absent from disk are counted from the split's `info["absent"]`.
 """
 
 from __future__ import annotations
@@ -16,28 +17,35 @@ from tqdm import tqdm
 
 from resmemnet.data import load_split, num_splits
 from resmemnet.data.base import ImageScoreDataset
-from resmemnet.metrics import mean_std, regression_metrics, top_bottom
+from resmemnet.inference import Scorer, TorchScorer, score_paths
+from resmemnet.metrics import mean_std, regression_metrics, split_half_consistency, top_bottom
 from resmemnet.model.resmemnet import ResMemNet
-from resmemnet.predict import iter_predictions
 
 __all__ = ["evaluate", "evaluate_splits"]
 
 
-def evaluate(model: ResMemNet, dataset: ImageScoreDataset, *, batch_size: int = 32, workers: int = 0,
-             device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
+def _scorer(model: ResMemNet | Scorer, device: str | torch.device, precision: str) -> Scorer:
+    return model if isinstance(model, Scorer) else TorchScorer(model, device=device, precision=precision)
+
+
+def evaluate(model: ResMemNet | Scorer, dataset: ImageScoreDataset, *, batch_size: int = 32, workers: int = 0,
+             device: str | torch.device = "auto", precision: str = "auto", progress: bool = False) -> dict[str, Any]:
     """Score every image of `dataset` and compare with its true scores.
 
     Returns metrics (Spearman, Pearson, MSE, n), the paper's top/bottom table, one row per scored image
-    (path, true, predicted) and the files that failed (path, error).
+    (path, true, predicted) and the files that failed to decode (path, error).
     """
-    rows = iter_predictions(dataset.paths, model, batch_size=batch_size, workers=workers, device=device)
+    scorer = _scorer(model, device, precision)
+    true_scores = iter(dataset.scores.tolist())  # rows come back in dataset order
     items, failed = [], []
-    for row, true in tqdm(zip(rows, dataset.scores.tolist(), strict=True), total=len(dataset), disable=not progress,
-                          desc="scoring", unit="img"):
-        if row.error:
-            failed.append({"path": row.path, "error": row.error})
-        else:
-            items.append({"path": row.path, "true": true, "predicted": row.score})
+    with tqdm(total=len(dataset), disable=not progress, desc="scoring", unit="img") as bar:
+        for rows in score_paths(dataset.paths, scorer, batch_size=batch_size, workers=workers):
+            for row, true in zip(rows, true_scores, strict=False):
+                if row.error:
+                    failed.append({"path": row.path, "error": row.error})
+                else:
+                    items.append({"path": row.path, "true": true, "predicted": row.score})
+            bar.update(len(rows))
     if len(items) < 2:
         raise ValueError(f"Only {len(items)} of {len(dataset)} images could be scored; a correlation needs 2. "
                          f"First failures: {failed[:3]}")
@@ -48,30 +56,38 @@ def evaluate(model: ResMemNet, dataset: ImageScoreDataset, *, batch_size: int = 
             "predictions": items}
 
 
-def evaluate_splits(model: ResMemNet, name: str, root: str | Path, *, splits: Sequence[int] | None = None,
+def evaluate_splits(model: ResMemNet | Scorer, name: str, root: str | Path, *, splits: Sequence[int] | None = None,
                     max_splits: int | None = None, seed: int = 0, test_fraction: float = 0.2, batch_size: int = 32,
-                    workers: int = 0, device: str | torch.device = "cpu", progress: bool = False,
-                    **options: Any) -> dict[str, Any]:
+                    workers: int = 0, device: str | torch.device = "auto", precision: str = "auto",
+                    progress: bool = False, **options: Any) -> dict[str, Any]:
     """Evaluate on the test set of each split (all of them unless `splits`/`max_splits` say otherwise).
 
     The summary has mean +- std over splits of each metric, and of the human split-half consistency on
-    the same test images where the dataset has split-half scores.
+    the same test images where the dataset has split-half scores, and the test images absent from disk
+    and failed to decode, summed over splits.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     available = num_splits(name, root, **options)
     chosen = list(range(available)) if splits is None else list(splits)
     if max_splits is not None:
         if max_splits < 1:
             raise ValueError(f"max_splits must be at least 1, got {max_splits}")
         chosen = chosen[:max_splits]
+    scorer = _scorer(model, device, precision)
     per_split = []
     for index in chosen:
         split = load_split(name, root, split=index, seed=seed, test_fraction=test_fraction, **options)
-        result = evaluate(model, split.test, batch_size=batch_size, workers=workers, device=device,
-                          progress=progress)
-        per_split.append({"split": index, "info": split.info, **result})
-    summary = {key: mean_std([s["metrics"][key] for s in per_split]) for key in ("spearman", "pearson", "mse")}
-    human = [s["info"]["human_consistency"] for s in per_split if "human_consistency" in s["info"]]
+        result = evaluate(scorer, split.test, batch_size=batch_size, workers=workers, progress=progress)
+        per_split.append({"split": index, "info": split.info, "human_consistency": split_half_consistency(split),
+                          "n_absent": int(split.info.get("absent", {}).get("test", 0)), **result})
+    summary: dict[str, Any] = {key: mean_std([s["metrics"][key] for s in per_split])
+                               for key in ("spearman", "pearson", "mse")}
+    human = [s["human_consistency"] for s in per_split if s["human_consistency"] is not None]
     summary["human_consistency"] = mean_std(human) if human else None
+    summary["absent"] = sum(s["n_absent"] for s in per_split)
+    summary["failed"] = sum(s["n_failed"] for s in per_split)
+    described = scorer.model.describe() if isinstance(scorer, TorchScorer) else {"backend": type(scorer).__name__}
     return {"dataset": name, "root": str(root), "seed": seed, "test_fraction": test_fraction,
             "options": {k: str(v) for k, v in options.items() if v is not None}, "splits_available": available,
-            "splits_evaluated": chosen, "model": model.describe(), "summary": summary, "splits": per_split}
+            "splits_evaluated": chosen, "model": described, "summary": summary, "splits": per_split}

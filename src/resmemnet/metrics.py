@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import stats
 
-__all__ = ["TOP_BOTTOM_N", "human_consistency", "mean_std", "mse", "pearson", "regression_metrics", "spearman",
-           "top_bottom"]
+if TYPE_CHECKING:
+    from resmemnet.data.base import Split
+
+__all__ = ["TOP_BOTTOM_N", "human_consistency", "mean_std", "mse", "pearson", "regression_metrics",
+           "spearman", "split_half_consistency", "top_bottom"]
 
 TOP_BOTTOM_N = (10, 25, 50, 100, 200)  # the rows of the paper's Tables 3 and 4
 
@@ -81,3 +85,18 @@ def human_consistency(half1: np.ndarray, half2: np.ndarray) -> dict[str, float |
         keep = ~(np.isnan(a) | np.isnan(b))
         per_split.append(spearman(a[keep], b[keep]))
     return {**mean_std(per_split), "per_split": per_split}
+
+
+def split_half_consistency(split: Split) -> float | None:
+    """Human consistency on this split's test images: Spearman(half 1, half 2), the ceiling for a model's rho.
+
+    Images nobody in half 1 saw are left out. None when the dataset has no split-half scores; NaN when
+    fewer than 2 test images have both halves.
+    """
+    if split.test_other_half is None:
+        return None
+    half1, half2 = np.asarray(split.test_other_half, dtype=np.float64), split.test.scores.astype(np.float64)
+    if half1.shape != half2.shape:
+        raise ValueError(f"{half1.size} half-1 scores for {half2.size} test images")
+    both = ~np.isnan(half1)
+    return spearman(half1[both], half2[both]) if both.sum() >= 2 else float("nan")

@@ -44,6 +44,8 @@ def test_each_real_split_loads_present_images_with_their_own_scores(lamem_root, 
     else:
         assert loaded.val is None  # none of the val images is on disk
     assert loaded.info["absent"] == {"train": 44_998, "val": 3_741 - split % 2, "test": 9_999}
+    assert loaded.info["unscored"] == {"train": 0, "val": 0, "test": 0}
+    assert loaded.test_other_half is None  # one score per image: no split halves
     assert loaded.info["split_files"] == [f"{p}_{split + 1}.txt" for p in ("train", "val", "test")]
     image, score = loaded.train[1]
     assert image.size == (8, 8) and float(score) == pytest.approx(scores["train"][9])

@@ -5,7 +5,8 @@ import pytest
 from scipy.io import loadmat, savemat
 
 from resmemnet.data import describe_dataset, load_split, num_splits
-from resmemnet.metrics import spearman
+from resmemnet.data.lnsim import split_half_scores
+from resmemnet.metrics import spearman, split_half_consistency
 from tests.conftest import make_photo, shared_dataset
 
 
@@ -61,7 +62,41 @@ def test_split_is_seeded_partitions_all_images_and_never_shifts_scores(tmp_path)
         np.testing.assert_allclose(dataset.scores, half[1, ids], rtol=1e-6)
     assert a.info["absent"]["train"] + a.info["absent"]["test"] == 3
     usable = [int(p.stem) - 1 for p in a.test.paths]
-    assert a.info["human_consistency"] == pytest.approx(spearman(hrs1[1, usable], hrs2[1, usable]))
+    np.testing.assert_allclose(a.test_other_half, hrs1[1, usable])  # half 1 of the same test images
+    assert split_half_consistency(a) == pytest.approx(spearman(hrs1[1, usable], hrs2[1, usable]))
+    assert a.info["human_consistency"] == split_half_consistency(a)
+
+
+def test_images_nobody_saw_are_unscored_and_counted(tmp_path):
+    hrs1, hrs2 = _tiny_lnsim(tmp_path)
+    hrs1[2, [0, 3]] = np.nan  # nobody in half 1 of subject split 2 saw images 0001 and 0004
+    hrs2[2, [6, 7]] = np.nan
+    savemat(tmp_path / "Random_splits" / "subject_hrs1.mat", {"subject_hrs1": hrs1})
+    savemat(tmp_path / "Random_splits" / "subject_hrs2.mat", {"subject_hrs2": hrs2})
+    loaded1, loaded2 = split_half_scores(tmp_path)
+    np.testing.assert_array_equal(loaded1, hrs1)  # NaN stays NaN
+    np.testing.assert_array_equal(loaded2, hrs2)
+    split = load_split("lnsim", tmp_path, split=2, seed=0, test_fraction=0.5)
+    train_ids = {i - 1 for i in split.info["image_split"]["train_indices"]}
+    test_ids = {i - 1 for i in split.info["image_split"]["test_indices"]}
+    assert split.info["unscored"] == {"train": len({0, 3} & train_ids), "test": len({6, 7} & test_ids)}
+    assert sum(split.info["unscored"].values()) > 0
+    absent = {1, 4, 10}
+    assert split.info["counts"] == {"train": len(train_ids - absent - {0, 3}), "test": len(test_ids - absent - {6, 7})}
+    test = [int(p.stem) - 1 for p in split.test.paths]
+    both = [i for i in test if not np.isnan(hrs1[2, i])]
+    assert split_half_consistency(split) == pytest.approx(spearman(hrs1[2, both], hrs2[2, both]))
+    described = describe_dataset("lnsim", tmp_path)
+    assert described["unscored"] == {"half1": 2, "half2": 2, "never": 0}
+
+
+def test_infinite_hit_rate_is_refused_with_its_place(tmp_path):
+    hrs1, _ = _tiny_lnsim(tmp_path)
+    hrs1[3, 9] = np.inf
+    savemat(tmp_path / "Random_splits" / "subject_hrs1.mat", {"subject_hrs1": hrs1})
+    with pytest.raises(ValueError, match=r"Random_splits: subject_hrs1 has 1 infinite hit rate\(s\), first at split 4, "
+                                         r"image 10"):
+        load_split("lnsim", tmp_path)
 
 
 def test_bad_requests_say_what_is_valid(tmp_path):
@@ -70,7 +105,7 @@ def test_bad_requests_say_what_is_valid(tmp_path):
         load_split("lnsim", tmp_path, split=4)
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\]"):
         load_split("lnsim", tmp_path, test_fraction=0)
-    with pytest.raises(ValueError, match="Unknown dataset 'lnsm'; choose one of: lamem, sun, lnsim, memcat, csv"):
+    with pytest.raises(ValueError, match="Unknown dataset 'lnsm'; choose one of: lamem, sun, lnsim, memcat, csv, sy"):
         load_split("lnsm", tmp_path)
     with pytest.raises(ValueError, match="does not take option"):
         load_split("lnsim", tmp_path, score_column="x")

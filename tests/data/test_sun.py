@@ -6,7 +6,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from resmemnet.data import describe_dataset, load_split, num_splits
-from resmemnet.metrics import spearman
+from resmemnet.metrics import spearman, split_half_consistency
 
 N_TOTAL, N_TARGETS, N_SPLITS = 2400, 2222, 25
 
@@ -59,7 +59,8 @@ def test_sun_split_follows_the_split_half_protocol_with_1_based_indices(tmp_path
     np.testing.assert_allclose(split.test.scores, hrs2[4, expected_test], rtol=1e-6)
     assert split.info["unscored"]["test"] == (7 in test_ids) and split.info["unscored"]["train"] == 0
     assert split.info["absent"] == {"train": 0, "test": 0}
-    assert split.info["human_consistency"] == pytest.approx(spearman(hrs1[4, expected_test], hrs2[4, expected_test]))
+    assert split_half_consistency(split) == pytest.approx(spearman(hrs1[4, expected_test], hrs2[4, expected_test]))
+    assert split.info["human_consistency"] == split_half_consistency(split)
     assert len(list((tmp_path / "png").glob("*.png"))) == N_TARGETS  # only the targets, not the 178 fillers
 
 

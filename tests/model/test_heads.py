@@ -36,11 +36,24 @@ def test_peephole_cell_matches_the_papers_equations():
     assert torch.allclose(h1, o * torch.tanh(c_ref), atol=1e-6)
 
 
-def test_peephole_lstm_head_differs_from_torch_lstm_only_by_option():
-    plain = create_head("lstm", in_dim=8, seq_len=4, hidden_dim=8, dropout=0.0, peephole=False)
-    peep = create_head("lstm", in_dim=8, seq_len=4, hidden_dim=8, dropout=0.0, peephole=True)
-    assert isinstance(peep.rnn, PeepholeLSTM) and isinstance(plain.rnn, torch.nn.LSTM)
-    assert peep(torch.randn(2, 4, 8)).shape == (2,)
+def test_peephole_lstm_head_runs_the_equations_from_its_learned_state_over_every_tap():
+    torch.manual_seed(0)
+    head = create_head("lstm", in_dim=4, seq_len=3, hidden_dim=3, dropout=0.0, peephole=True)
+    cell = head.rnn
+    for p in (cell.w_ci, cell.w_cf, cell.w_co):
+        torch.nn.init.normal_(p)
+    seq = torch.randn(2, 3, 4)
+    W, U, b = cell.x2gates.weight, cell.h2gates.weight, cell.x2gates.bias
+    h, c = head.h0[0].expand(2, -1), head.c0[0].expand(2, -1)
+    for t in range(3):  # by hand, one tap at a time, from the learnable (h0, c0)
+        gi, gf, gg, go = (seq[:, t] @ W.T + b + h @ U.T).chunk(4, dim=1)
+        i, f = torch.sigmoid(gi + cell.w_ci * c), torch.sigmoid(gf + cell.w_cf * c)
+        c = f * c + i * torch.tanh(gg)
+        h = torch.sigmoid(go + cell.w_co * c) * torch.tanh(c)
+    expected = h @ head.fc.weight.T[:, 0] + head.fc.bias
+    torch.testing.assert_close(head(seq), expected)
+    plain = create_head("lstm", in_dim=4, seq_len=3, hidden_dim=3, dropout=0.0, peephole=False)
+    assert isinstance(plain.rnn, torch.nn.LSTM)  # the option alone switches the cell
 
 
 def test_bilstm_peephole_is_refused():

@@ -55,10 +55,18 @@ def test_freeze_and_unfreeze_backbone():
     assert all(p.requires_grad for p in m.backbone.parameters()) and m.backbone.training
 
 
-def test_identity_output_is_unbounded_raw_value():
-    m = create_model("resnet50", output="identity").eval()
-    with torch.inference_mode():
-        assert m(torch.randn(1, 3, 64, 64)).shape == (1,)
+def test_output_is_the_heads_raw_value_or_its_sigmoid():
+    identity = create_model("mobilenet_v3_large", output="identity", proj_dim=8, hidden_dim=8).eval()
+    sigmoid = create_model(ModelConfig(**{**identity.config.to_dict(), "output": "sigmoid"})).eval()
+    sigmoid.load_state_dict(identity.state_dict())
+    with torch.no_grad():
+        identity.head.fc.bias.fill_(5.0)  # a raw value outside [0, 1], which only the sigmoid squashes
+        sigmoid.head.fc.bias.fill_(5.0)
+        x = torch.randn(2, 3, 64, 64)
+        raw = identity.head(identity.projection(identity.pool_taps(x)))
+        assert (raw > 1).any()
+        torch.testing.assert_close(identity(x), raw)
+        torch.testing.assert_close(sigmoid(x), torch.sigmoid(raw))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -67,6 +75,10 @@ def test_identity_output_is_unbounded_raw_value():
     (dict(output="relu"), "Unknown output"),
     (dict(head="transformer", peephole=True), "peephole=True needs head='lstm'"),
     (dict(dropout=1.5), "dropout must be in"),
+    (dict(proj_dim=10**9), r"proj_dim must be an integer in 1\.\.4096, got 1000000000"),
+    (dict(hidden_dim=64.5), "hidden_dim must be an integer"),
+    (dict(backbone_weights="IMAGENET"), "Unknown weights 'IMAGENET' for resnet50; available: "),
+    (dict(backbone_weights="resmem"), "Unknown weights 'resmem' for resnet50"),  # a ResNet-152 trunk
 ])
 def test_bad_config_is_rejected_with_choices(bad, message):
     with pytest.raises(ValueError, match=message):

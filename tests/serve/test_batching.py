@@ -104,3 +104,16 @@ def test_the_event_loop_keeps_running_while_the_model_works():
 def test_invalid_settings_are_named():
     with pytest.raises(ValueError, match="max_batch"):
         MicroBatcher(lambda x: x, max_batch=0)
+
+
+def test_on_idle_runs_once_a_burst_is_over_not_between_its_batches():
+    fn = GatedDouble()
+    idle: list[int] = []
+    batcher = MicroBatcher(fn, max_batch=2, max_wait_s=0, on_idle=lambda: idle.append(len(fn.calls)))
+    first = batcher.submit([1])
+    fn.wait_for_first_call()
+    rest = [batcher.submit([i]) for i in range(2, 6)]  # queued while the first batch runs: one burst
+    fn.gate.set()
+    assert [f.result(timeout=10) for f in (first, *rest)] == [[2], [4], [6], [8], [10]]
+    batcher.close()
+    assert len(fn.calls) >= 3 and idle == [len(fn.calls)]  # once, after the burst's last batch

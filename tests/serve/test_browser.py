@@ -1,9 +1,11 @@
-"""End to end: Debian's Chromium, driven headless by Playwright, uploads two photos to a live server."""
+"""End to end: Debian's Chromium, driven headless by Playwright, against a live server.
+
+The browser runs under the server's Content-Security-Policy, so any violation fails the test.
+"""
 
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import threading
 import time
@@ -22,7 +24,8 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS_ENV = "RESMEMNET_TEST_ARTIFACTS"  # where screenshots are kept (default: the test's tmp folder)
 
-pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} not installed (apt-get install chromium)")]
 
 
 @pytest.fixture
@@ -55,6 +58,13 @@ def _two_photos(tmp_path: Path) -> list[Path]:
     return paths
 
 
+def _csp_violations(page) -> list[str]:
+    """Console messages in which the browser reports a Content-Security-Policy violation (filled as they come)."""
+    violations: list[str] = []
+    page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
+    return violations
+
+
 def test_upload_two_photos_and_see_them_ranked_with_heatmaps(live_server, tmp_path):
     sync_api = pytest.importorskip("playwright.sync_api")
     photos = _two_photos(tmp_path)
@@ -64,11 +74,12 @@ def test_upload_two_photos_and_see_them_ranked_with_heatmaps(live_server, tmp_pa
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=1)  # a phone
+            violations = _csp_violations(page)
             page.goto(live_server)
-            page.wait_for_function("document.getElementById('model').textContent.length > 0")
+            page.wait_for_function("() => document.getElementById('model').textContent.length > 0")
             page.set_input_files("#files", [str(p) for p in photos])
-            page.wait_for_function("document.querySelectorAll('#results .result').length === 2", timeout=60_000)
-            page.wait_for_function("[...document.querySelectorAll('#results img')]"
+            page.wait_for_function("() => document.querySelectorAll('#results .result').length === 2", timeout=60_000)
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')]"
                                    ".every(img => img.complete && img.naturalWidth > 0)")
             cards = page.locator("#results .result")
             names = cards.locator(".name").all_inner_texts()
@@ -90,12 +101,41 @@ def test_upload_two_photos_and_see_them_ranked_with_heatmaps(live_server, tmp_pa
 
             page.set_input_files("#files", files=[{"name": "notes.jpg", "mimeType": "image/jpeg",
                                                    "buffer": b"not really a photo"}])
-            page.wait_for_function("document.querySelectorAll('#errors li').length === 1")
+            page.wait_for_function("() => document.querySelectorAll('#errors li').length === 1")
             assert "notes.jpg" in page.locator("#errors li").inner_text()
             assert cards.count() == 2  # an upload error leaves earlier results in place
 
             page.set_viewport_size({"width": 1200, "height": 900})
             page.screenshot(path=artifacts / "serve_desktop.png", full_page=True)
+            assert violations == []
         finally:
             browser.close()
-    shutil.copyfile(artifacts / "serve_phone.png", "/tmp/serve_screenshot.png")
+
+
+def test_api_docs_render_with_the_network_off(live_server, tmp_path):
+    """Every request to a host other than the server is aborted: the docs must need none."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    artifacts = Path(os.environ.get(ARTIFACTS_ENV) or tmp_path)
+    artifacts.mkdir(parents=True, exist_ok=True)
+    blocked: list[str] = []
+
+    def local_only(route) -> None:
+        if route.request.url.startswith(live_server):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            violations = _csp_violations(page)
+            page.route("**/*", local_only)
+            page.goto(live_server + "/docs")
+            page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+            assert "/v1/predict" in page.content()
+            page.screenshot(path=artifacts / "serve_docs.png")
+            assert blocked == [] and violations == []
+        finally:
+            browser.close()

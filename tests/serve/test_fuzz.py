@@ -11,6 +11,8 @@ from schemathesis.checks import not_a_server_error
 
 from resmemnet.serve import ServeSettings, create_app
 
+pytestmark = pytest.mark.slow  # 20 examples per operation and mode
+
 OPERATIONS = ["GET /healthz", "GET /v1/model", "POST /v1/explain", "POST /v1/predict"]
 
 

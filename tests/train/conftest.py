@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from resmemnet.data import load_split
 from resmemnet.data.base import Split
 from resmemnet.train.config import TrainConfig, load_config
-from resmemnet.train.data import synthetic_split
 
 TINY = ["model.backbone=mobilenet_v3_large", "model.proj_dim=16", "model.hidden_dim=8", "image_size=32",
-        "batch_size=4", "workers=0", "amp=off", "progress=false", "cache_dtype=float32"]
+        "batch_size=4", "workers=0", "precision=fp32", "progress=false", "cache_dtype=float32"]
 
 
 def tiny_config(*overrides: str) -> TrainConfig:
@@ -35,4 +35,4 @@ def syn_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny_split(syn_root: Path) -> Split:
-    return synthetic_split(syn_root, n=32, size=32)
+    return load_split("synthetic", syn_root, n=32, size=32)

@@ -4,10 +4,11 @@ import pytest
 import torch
 
 from resmemnet.data.base import ImageScoreDataset
-from resmemnet.data.transforms import Preprocessing
+from resmemnet.data.decoded import DecodedImages
+from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import create_model
 from resmemnet.train.cache import build_feature_cache, cache_key
-from resmemnet.train.data import SafeImages, flip_for
+from resmemnet.train.data import flip_for
 
 
 @pytest.fixture
@@ -21,7 +22,7 @@ def test_cache_holds_pool_taps_of_both_views(model, tiny_split, tmp_path):
     ds = tiny_split.train
     cache = build_feature_cache(model, ds, tmp_path, views=2, dtype="float32")
     assert cache.features.shape == (2, len(ds), sum(model.tap_channels))
-    images = torch.stack([SafeImages(ds, model.preprocessing.transforms())[i][1] for i in range(3)])
+    images = torch.stack([DecodedImages(ds.paths, model.preprocessing.transforms())[i].image for i in range(3)])
     with torch.no_grad():
         torch.testing.assert_close(cache.take([0, 1, 2]), model.pool_taps(images))
         torch.testing.assert_close(cache.take([0, 1, 2], views=1), model.pool_taps(images.flip(-1)))

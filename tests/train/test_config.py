@@ -32,18 +32,42 @@ def test_cli_overrides_beat_the_file(tmp_path):
     assert c.weight_decay == 1e-4  # untouched keys keep their defaults
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    (["batch_size=2.5"], "batch_size must be int"),
-    (["lr=1"], "Unknown config key"),
-    (["model.depth=3"], "Unknown config key"),
-    (["augment=mixup"], "available: none, hflip"),
-    (["phases.0.epochs=\"ten\""], "epochs must be int"),
-    (["phases.0.frozen=1"], "frozen must be bool"),
+# Every documented bad input of `resmemnet train --set`: one ValueError naming the key, never a traceback.
+BAD_OVERRIDES = [
+    (["batch_size=2.5"], r"batch_size: Input should be a valid integer \(got 2.5\)"),
+    (["lr=1"], "Unknown config key 'lr'"),
+    (["model.depth=3"], "Unknown config key 'model.depth'"),
+    (["augment=mixup"], "augment: Input should be 'none' or 'hflip'"),
+    (["phases.0.epochs=\"ten\""], "phases.0.epochs: Input should be a valid integer"),
+    (["phases.0.frozen=1"], "phases.0.frozen: Input should be a valid boolean"),
     (["batch_size"], "key=value"),
-])
+    (["phases.0.lr_max=inf"], r"phases.0.lr_max: Input should be a finite number \(got inf\)"),
+    (["weight_decay=nan"], "weight_decay: Input should be a finite number"),
+    (["phases.99.epochs=1"], r"phases has 3 entries \(indices 0..2\), not '99'"),
+    (["phases.x.epochs=1"], "phases has 3 entries"),
+    (["batch_size.x=1"], r"batch_size is a value \(24\), not a table or list"),
+    (["nope.x=1"], "nope does not exist"),
+    (["batch_size=-3"], "batch_size: Input should be greater than or equal to 1"),
+    (["batch_size=100000000"], "batch_size: Input should be less than or equal to 65536"),
+    (["image_size=1000000"], "image_size: Input should be less than or equal to 4096"),
+    (["model.proj_dim=1000000"], "proj_dim must be an integer in 1..4096"),
+    (["phases.0.epochs=0", "phases.1.epochs=0", "phases.2.epochs=0"], "every phase has 0 epochs"),
+    (["phases=[]"], "phases: Tuple should have at least 1 item"),
+    (["phases.0.lr_min=0.5"], "needs lr_min <= lr_max"),
+    (["phases.0.lr_min=0"], "phases.0.lr_min: Input should be greater than 0"),
+    (["val_fraction=1"], "val_fraction: Input should be less than 1"),
+    (["precision=fp8"], "precision: Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+    (["standardise=true"], "standardise=true needs every phase frozen"),
+    (["model.backbone=vgg"], "Unknown backbone 'vgg'"),
+    (["..=1"], "empty key part"),
+]
+
+
+@pytest.mark.parametrize(("override", "message"), BAD_OVERRIDES)
 def test_bad_values_fail_naming_the_key(override, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message) as info:
         load_config(None, override)
+    assert "\n" not in str(info.value)
 
 
 def test_file_errors(tmp_path):
@@ -53,6 +77,12 @@ def test_file_errors(tmp_path):
     bad.write_text("batch_size = = 3")
     with pytest.raises(ValueError, match="not valid TOML"):
         load_config(bad)
+
+
+def test_configs_are_json_without_infinity(tmp_path):
+    c = load_config(CONFIGS / "resmemnet-lnsim-r152.toml")
+    assert "Infinity" not in c.to_json() and "NaN" not in c.to_json()
+    assert (c.standardise, c.calibrate, c.target, c.head_dtype) == (True, True, "mean", "float16")
 
 
 def test_round_trip_through_dict():

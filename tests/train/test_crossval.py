@@ -5,13 +5,13 @@ import json
 
 import pytest
 
-from resmemnet.cli import main
 from resmemnet.train.crossval import run_crossval
-from tests.train.conftest import TINY, tiny_config
+from tests.train.conftest import tiny_config
 
 ONE_FROZEN_EPOCH = "phases=[{epochs=1, lr_min=1e-3, lr_max=1e-2, frozen=true}]"
 
 
+@pytest.mark.slow
 def test_crossval_table_has_every_split_and_baseline(syn_root, tmp_path):
     result = run_crossval(tiny_config(ONE_FROZEN_EPOCH), "synthetic", syn_root, tmp_path / "cv", splits=[0, 1], n=32)
     assert [(r["split"], r["method"]) for r in result.rows] == [
@@ -32,19 +32,3 @@ def test_crossval_rejects_unknown_methods(tmp_path):
         run_crossval(tiny_config(), "synthetic", tmp_path, tmp_path / "cv", methods=["svm"])
 
 
-def test_cli_trains_one_split_and_reports(syn_root, tmp_path, capsys):
-    args = ["train", "--dataset", "synthetic", "--root", str(syn_root), "--output", str(tmp_path / "run"),
-            "--split", "1"]
-    for o in [*TINY, ONE_FROZEN_EPOCH]:
-        args += ["--set", o]
-    assert main(args) == 0
-    assert "test rho" in capsys.readouterr().out
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["split"]["split"] == 1
-
-
-def test_cli_errors_are_one_line(tmp_path, capsys):
-    code = main(["train", "--dataset", "synthetic", "--root", str(tmp_path), "--output", str(tmp_path / "r"),
-                 "--set", "batch_sise=3"])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "Unknown config key(s) ['batch_sise']" in err and len(err.strip().splitlines()) == 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from resmemnet.checkpoint import load_checkpoint
-from resmemnet.train.data import synthetic_split
+from resmemnet.data import load_split
 from resmemnet.train.loop import train
 from tests.train.conftest import TINY, tiny_config
 
@@ -33,7 +33,7 @@ def test_two_gloo_processes_train_like_one_process_with_twice_the_batch(syn_root
     assert done.stdout.count("test rho") == 1  # only rank 0 reports
 
     single = train(tiny_config("model.dropout=0.0", "batch_size=8", f"phases=[{FROZEN}]"),
-                   synthetic_split(syn_root, n=48), tmp_path / "single")
+                   load_split("synthetic", syn_root, n=48), tmp_path / "single")
     ddp_log = list(csv.DictReader(open(tmp_path / "ddp" / "log.csv")))
     assert [r["cached"] for r in ddp_log] == ["True", "True", "False"]
     for ours, ref in zip(ddp_log[:2], single.history, strict=True):

@@ -16,7 +16,9 @@ from safetensors.torch import load_file
 
 from resmemnet.checkpoint import load_checkpoint, read_metadata
 from resmemnet.data.base import ImageScoreDataset
+from resmemnet.metrics import spearman
 from resmemnet.model.resmemnet import create_model
+from resmemnet.predict import predict
 from resmemnet.train.loop import RESUME_FILE, train
 from tests.train.conftest import TINY, tiny_config
 
@@ -39,7 +41,10 @@ def test_run_folder_holds_config_log_and_checkpoints(tiny_split, tmp_path):
     assert meta["train_config"] == config.to_dict() and meta["epoch"] == result.best_epoch
     assert best.preprocessing.resize == (32, 32)
     assert read_metadata(result.last_checkpoint)["epoch"] == 3
-    assert result.test["n"] == len(tiny_split.test) and -1 <= result.test["spearman"] <= 1
+    # the reported test rho is the saved best checkpoint's, recomputed here from its own predictions
+    scores = predict(tiny_split.test.paths, best)
+    assert result.test["n"] == len(tiny_split.test)
+    assert result.test["spearman"] == pytest.approx(spearman(scores, tiny_split.test.scores), abs=1e-6)
     assert json.loads((run / "metrics.json").read_text())["test"]["spearman"] == result.test["spearman"]
 
 
@@ -134,7 +139,7 @@ def test_bad_training_images_are_skipped_and_listed(tiny_split, tmp_path):
 
 
 def test_real_lnsim_images_train_from_the_cache(tmp_path):
-    from resmemnet.train.data import load_split
+    from resmemnet.data import load_split
     from tests.conftest import shared_dataset
 
     full = load_split("lnsim", shared_dataset("lnsim"), split=0)
@@ -173,3 +178,28 @@ def test_frozen_run_on_an_offline_trunk_saves_head_only_checkpoints(tiny_split, 
     model = load_checkpoint(result.best_checkpoint)
     assert model.preprocessing.mean == (0.0, 0.0, 0.0)  # the trunk's own normalisation, at image_size
     assert model.preprocessing.resize == (32, 32)
+
+
+def test_interrupted_frozen_run_resumes_to_the_same_weights(tiny_split, tmp_path, monkeypatch):
+    """Frozen in every phase: the resume file leaves the backbone out, and resuming still ends identically."""
+    import torch.nn.functional as F
+
+    config = tiny_config("save_every=1", "phases=[{epochs=2, lr_min=1e-3, lr_max=1e-2, frozen=true}]")
+    full = train(config, tiny_split, tmp_path / "full")
+    real, calls = F.mse_loss, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 8:  # 5 batches an epoch: stop in epoch 2, after its resume point of step 2
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "mse_loss", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_split, tmp_path / "cut")
+    assert not any(k.startswith("model.backbone.") for k in load_file(tmp_path / "cut" / RESUME_FILE))
+    monkeypatch.setattr(F, "mse_loss", real)
+    resumed = train(config, tiny_split, tmp_path / "cut", resume=True)
+    a, b = load_file(full.last_checkpoint), load_file(resumed.last_checkpoint)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.test == full.test

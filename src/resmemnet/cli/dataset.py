@@ -57,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
         if key in splits:
             print(f"  {key}: {splits[key]}")
     print(f"scores: {_stats(info['scores'])}")
+    if "unscored" in info:  # split halves: NaN where nobody in that half saw the image
+        unscored = info["unscored"]
+        print(f"unscored (nobody saw it): {unscored['half1']:,} image-splits in half 1, {unscored['half2']:,} in "
+              f"half 2; {unscored['never']:,} images never scored")
     human = info.get("human_consistency")
     print("human consistency: " + (f"{human['mean']:.3f} ± {human['std']:.3f} over {human['n']} splits"
                                    if human else "n/a (no split-half scores)"))

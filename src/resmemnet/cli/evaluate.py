@@ -8,8 +8,11 @@ import sys
 
 from resmemnet.cli.dataset import add_dataset_arguments, dataset_options
 from resmemnet.evaluate import evaluate_splits
+from resmemnet.inference import ScorerSpec
+from resmemnet.jobs import ScoringJob, default_workers
 from resmemnet.pretrained import load_model, resolve_checkpoint
-from resmemnet.report import write_report
+from resmemnet.report import summary_lines, write_report
+from resmemnet.runtime import PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -24,9 +27,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                        "(lnsim, memcat, csv)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of images in the test set where the code makes the split (1.0: all of them)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=0, help="image-decoding processes")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--batch-size", type=int, default=ScoringJob.batch_size)
+    p.add_argument("--workers", type=int, default=default_workers(), help="image-decoding processes")
+    p.add_argument("--device", default=ScorerSpec.device, help="auto, cpu, cuda or cuda:N (auto: CUDA when present)")
+    p.add_argument("--precision", choices=PRECISIONS, default=ScorerSpec.precision,
+                   help="auto: fp16 autocast on a GPU, bf16 on a CPU with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--report", metavar="DIR", help="write summary.md, result.json, scatter.png, top.png and "
                                                    "bottom.png here")
     p.add_argument("--json", action="store_true", help="print the full result (per-image predictions too)")
@@ -38,24 +43,11 @@ def run(args: argparse.Namespace) -> int:
     model = load_model(checkpoint)
     result = evaluate_splits(model, args.dataset, args.root, splits=args.split, max_splits=args.max_splits,
                              seed=args.seed, test_fraction=args.test_fraction, batch_size=args.batch_size,
-                             workers=args.workers, device=args.device, progress=not args.json,
-                             **dataset_options(args))
+                             workers=args.workers, device=args.device, precision=args.precision,
+                             progress=not args.json, **dataset_options(args))
     result["checkpoint"] = str(checkpoint)
     if args.report:
         written = write_report(result, args.report)
         print(f"report written to {written['summary'].parent}", file=sys.stderr)
-    if args.json:
-        print(json.dumps(result, indent=1, default=str))
-        return 0
-    summary = result["summary"]
-    for s in result["splits"]:
-        m, human = s["metrics"], s["info"].get("human_consistency")
-        print(f"split {s['split']}: Spearman {m['spearman']:.3f}  Pearson {m['pearson']:.3f}  MSE {m['mse']:.4f}  "
-              f"n={m['n']} (failed {s['n_failed']})" + ("" if human is None else f"  human {human:.3f}"))
-    line = (f"mean over {len(result['splits'])} split(s): Spearman {summary['spearman']['mean']:.3f} ± "
-            f"{summary['spearman']['std']:.3f}")
-    if summary["human_consistency"]:
-        hc = summary["human_consistency"]
-        line += f"  (human consistency {hc['mean']:.3f} ± {hc['std']:.3f})"
-    print(line)
+    print(json.dumps(result, indent=1, default=str) if args.json else "\n".join(summary_lines(result)))
     return 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from resmemnet.export import FORMATS, compare_onnx, export_onnx
-from resmemnet.predict import find_images
+from resmemnet.jobs import scan_images
 from resmemnet.pretrained import load_model
 
 
@@ -23,11 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tolerance < 0:
+        raise ValueError(f"--tolerance must be 0 or more, got {args.tolerance}")
     model = load_model(args.checkpoint)
+    scan = scan_images(args.check) if args.check else None  # a --check typo fails before the slow export
     path = export_onnx(model, args.output, opset=args.opset)
     print(f"wrote {path}", file=sys.stderr)
-    if args.check:
-        paths = find_images(args.check)
+    if scan:
+        for warning in scan.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        paths = scan.paths
         diff = compare_onnx(model, path, paths)
         print(f"max |onnxruntime - pytorch| over {len(paths)} images: {diff:.2e} (tolerance {args.tolerance:.0e})")
         if diff > args.tolerance:

@@ -1,4 +1,4 @@
-"""`resmemnet info`: the architecture, and a checkpoint's metadata."""
+"""`resmemnet info`: the architecture, a checkpoint's metadata, or the bundled models and weight sources."""
 
 from __future__ import annotations
 
@@ -7,27 +7,56 @@ import json
 
 from resmemnet.checkpoint import read_metadata
 from resmemnet.model.resmemnet import create_model
+from resmemnet.model.weights import get_weights, list_models, list_weights
 from resmemnet.pretrained import DEFAULT_MODEL, load_model, resolve_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe the architecture or a checkpoint")
+    p = sub.add_parser("info", help="describe the architecture or a checkpoint, or list bundled models and weights")
     p.add_argument("--checkpoint", help="checkpoint path or bundled model name (default: the bundled default "
                                         "model if installed, else the default architecture, untrained)")
     p.add_argument("--backbone", help="describe this architecture instead (untrained)")
     p.add_argument("--head", help="head for --backbone")
+    p.add_argument("--list", action="store_true", help="list the bundled models and weight sources with licences")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)
 
 
+def _catalogue() -> dict[str, list[dict[str, object]]]:
+    def entry(name: str) -> dict[str, object]:
+        weights = get_weights(name)
+        arch = weights.arch.to_dict() if hasattr(weights.arch, "to_dict") else weights.arch
+        return {"name": name, "arch": arch, **weights.meta}
+
+    return {"models": [entry(n) for n in list_models()], "weights": [entry(n) for n in list_weights()]}
+
+
+def _print_catalogue(catalogue: dict[str, list[dict[str, object]]]) -> None:
+    for title, key in (("Bundled models (resmemnet predict --checkpoint NAME)", "models"),
+                       ("Backbone weights (create_model(..., weights=NAME))", "weights")):
+        print(f"{title}:")
+        for item in catalogue[key]:
+            arch = item["arch"]["backbone"] if isinstance(item["arch"], dict) else item["arch"] or "any torchvision"
+            default = " (default)" if item["name"] == DEFAULT_MODEL else ""
+            where = "offline" if item["offline"] else "downloads"
+            print(f"  {item['name']}{default}: {arch}, {where}; licence: {item['licence']}")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.list:
+        if args.json:
+            print(json.dumps(_catalogue(), indent=2))
+        else:
+            _print_catalogue(_catalogue())
+        return 0
     if args.backbone or args.head or (args.checkpoint is None and DEFAULT_MODEL is None):
         model = create_model(args.backbone or "resnet50", head=args.head)
         info = {**model.describe(), "checkpoint": None}
     else:
         path = resolve_checkpoint(args.checkpoint)
-        model = load_model(path)
-        info = {**model.describe(), "checkpoint": str(path), "metadata": read_metadata(path)}
+        metadata = read_metadata(path)  # checked before anything is built
+        model = load_model(args.checkpoint)  # a bundled name also checks the file against its registration
+        info = {**model.describe(), "checkpoint": str(path), "metadata": metadata}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

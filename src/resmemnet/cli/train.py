@@ -1,19 +1,25 @@
-"""`resmemnet train`: one split, or every split with baselines (--all-splits); torchrun-compatible."""
+"""`resmemnet train`: one split, or every split with baselines (--all-splits); torchrun-compatible.
+
+Every bundled model is built by this command with its config (configs/resmemnet-lnsim-*.toml); each
+checkpoint records the config file and the exact command that made it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 
+from resmemnet.data import load_split, num_splits
 from resmemnet.train.config import load_config
 from resmemnet.train.crossval import METHODS, run_crossval
-from resmemnet.train.data import count_splits, load_split
 from resmemnet.train.loop import train
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model (the paper's recipe by default) or cross-validate it",
-                       description="Values apply in order: TrainConfig defaults, --config FILE, --set KEY=VALUE.")
+                       description="Values apply in order: TrainConfig defaults, --config FILE, --set KEY=VALUE. "
+                                   "Bundled models: --config configs/resmemnet-lnsim-r152.toml --dataset lnsim.")
     p.add_argument("--config", help="TOML config file, e.g. configs/paper.toml")
     p.add_argument("--dataset", required=True, help="dataset name (e.g. lnsim, lamem, synthetic)")
     p.add_argument("--root", required=True, help="dataset folder")
@@ -32,17 +38,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces this run (what a checkpoint records)."""
+    words = ["resmemnet", "train"]
+    if args.config:
+        words += ["--config", args.config]
+    words += ["--dataset", args.dataset, "--root", args.root]
+    if args.split:
+        words += ["--split", str(args.split)]
+    words += ["--output", args.output]
+    for override in args.overrides:
+        words += ["--set", override]
+    return shlex.join(words)
+
+
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.overrides)
     if args.all_splits:
-        splits = range(args.splits or count_splits(args.dataset, args.root))
-        result = run_crossval(config, args.dataset, args.root, args.output, splits=splits,
-                              methods=[m.strip() for m in args.methods.split(",") if m.strip()], resume=args.resume)
+        if args.splits is not None and args.splits < 1:
+            raise ValueError(f"--splits must be at least 1, got {args.splits}")
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise ValueError(f"--methods is empty; choose from {','.join(METHODS)}")
+        splits = range(args.splits or num_splits(args.dataset, args.root))
+        result = run_crossval(config, args.dataset, args.root, args.output, splits=splits, methods=methods,
+                              resume=args.resume)
         print(result.table, end="")
         return 0
-    result = train(config, load_split(args.dataset, args.root, split=args.split, seed=config.seed), args.output,
-                   resume=args.resume)
+    split = load_split(args.dataset, args.root, split=args.split, seed=config.seed)
+    result = train(config, split, args.output, resume=args.resume,
+                   metadata={"config_file": args.config or "", "command": command_line(args)})
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports
+        test = result.test
+        every = test.get("every_subject_split")
+        extra = f"; vs half-2 of every subject split {every['mean']:.4f} +- {every['std']:.4f}" if every else ""
         print(f"best epoch {result.best_epoch}: val rho {result.best_val_spearman:.4f}; test rho "
-              f"{result.test['spearman']:.4f} (n={result.test['n']}); best checkpoint {result.best_checkpoint}")
+              f"{test['spearman']:.4f} (n={test['n']}){extra}; best checkpoint {result.best_checkpoint}")
     return 0

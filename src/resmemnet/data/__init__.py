@@ -1,7 +1,11 @@
 """Memorability datasets: one module per format, one entry point (`load_split`) for all of them.
 
 >>> split = load_split("lnsim", "../shared/datasets/lnsim", split=3, seed=0)
->>> split.train.paths[:2], split.test.scores[:2], split.info["human_consistency"]
+>>> split.train.paths[:2], split.test.scores[:2], split.info["absent"], split.info["unscored"]
+>>> resmemnet.metrics.split_half_consistency(split)   # the human ceiling on the same test images
+
+A score table with a non-number, NaN or inf score or an image listed twice raises ScoreFileError
+(a ValueError) naming file and line.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from resmemnet.data.base import ImageScoreDataset, Split
+from resmemnet.data.base import ImageScoreDataset, ScoreFileError, Split
 
-__all__ = ["DATASET_NAMES", "ImageScoreDataset", "Split", "describe_dataset", "load_split", "num_splits"]
+__all__ = ["DATASET_NAMES", "ImageScoreDataset", "ScoreFileError", "Split", "describe_dataset", "load_split",
+           "num_splits"]
 
-DATASET_NAMES = ("lamem", "sun", "lnsim", "memcat", "csv")
-_MODULES = {"lamem": "lamem", "sun": "sun", "lnsim": "lnsim", "memcat": "memcat", "csv": "csv_folder"}
+DATASET_NAMES = ("lamem", "sun", "lnsim", "memcat", "csv", "synthetic")
+_MODULES = {"lamem": "lamem", "sun": "sun", "lnsim": "lnsim", "memcat": "memcat", "csv": "csv_folder",
+            "synthetic": "synthetic"}
 
 
 def _module(name: str, options: dict[str, Any]) -> ModuleType:
@@ -39,7 +45,8 @@ def load_split(name: str, root: str | Path, *, split: int = 0, seed: int = 0, te
     """Split `split` of dataset `name` under `root`: train/test (and val for LaMem) ImageScoreDatasets.
 
     Official splits are used where the dataset has them (LaMem, SUN); otherwise a seeded split is made,
-    recorded in `info`. Images absent on disk are skipped and counted in `info["absent"]`.
+    recorded in `info`. Images absent on disk are skipped and counted per part in `info["absent"]`,
+    images without a score (split halves nobody saw) in `info["unscored"]`.
     """
     options = _given(options)
     return _module(name, options).load_split(Path(root), split=split, seed=seed, test_fraction=test_fraction,
@@ -47,6 +54,7 @@ def load_split(name: str, root: str | Path, *, split: int = 0, seed: int = 0, te
 
 
 def num_splits(name: str, root: str | Path, **options: Any) -> int:
+    """How many splits dataset `name` defines (LaMem 5, LNSIM and SUN 25, MemCat and csv 1, synthetic 5)."""
     options = _given(options)
     return _module(name, options).num_splits(Path(root), **options)
 

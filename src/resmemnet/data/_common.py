@@ -1,20 +1,62 @@
-"""Helpers every format module shares: presence checks, seeded image splits, the split-half protocol."""
+"""Helpers every format module shares: score and path checks, presence, seeded image splits, split halves."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from resmemnet.data.base import ImageScoreDataset, Split
-from resmemnet.metrics import human_consistency, spearman
+from resmemnet.data.base import ImageScoreDataset, ScoreFileError, Split
+from resmemnet.metrics import human_consistency, split_half_consistency
 
 Transform = Callable[[Any], Any] | None
 
 ABSENT_EXAMPLES = 5  # how many absent file names a description lists
+
+
+def finite_score(text: str | None, *, table: Path, line: int, column: str) -> float:
+    """The score written in `text`; a non-number, NaN or inf is a ScoreFileError naming table and line.
+
+    A NaN row would otherwise vanish and an inf one would turn every metric into inf.
+    """
+    try:
+        value = float(text)  # type: ignore[arg-type]  # None (a short row) is reported below
+    except (TypeError, ValueError):
+        raise ScoreFileError(table, line, f"{column} is not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise ScoreFileError(table, line, f"{column} is {text!r}, not a finite number; give the image a real "
+                                          "score or remove its row")
+    return value
+
+
+def check_unique(seen: dict[str, int], path: str, *, table: Path, line: int) -> None:
+    """Record image `path` (absolute, or a name in the one folder a table lists) as listed on `line`.
+
+    A second row for the same image (after normalising `./a.jpg`, `b/../a.jpg`) is a ScoreFileError:
+    it would score that image twice, maybe on both sides of a train/test split.
+    """
+    key = os.path.normpath(path)
+    if key in seen:
+        raise ScoreFileError(table, line, f"{key} is listed again (first on line {seen[key]}); keep one row "
+                                          "per image")
+    seen[key] = line
+
+
+def check_split_halves(hrs1: np.ndarray, hrs2: np.ndarray, source: Path) -> None:
+    """Both halves must be one splits x images matrix; NaN (nobody in that half saw the image) is allowed."""
+    if hrs1.shape != hrs2.shape or hrs1.ndim != 2:
+        raise ValueError(f"{source}: subject_hrs1 {hrs1.shape} and subject_hrs2 {hrs2.shape} must be the same "
+                         "splits x images matrix")
+    for k, half in ((1, hrs1), (2, hrs2)):
+        bad = np.argwhere(np.isinf(half))
+        if bad.size:
+            s, i = bad[0]
+            raise ValueError(f"{source}: subject_hrs{k} has {len(bad)} infinite hit rate(s), first at split "
+                             f"{s + 1}, image {i + 1}; a hit rate lies in [0, 1] (NaN for an image nobody saw)")
 
 
 def present_mask(paths: Sequence[Path]) -> np.ndarray:
@@ -29,9 +71,18 @@ def present_mask(paths: Sequence[Path]) -> np.ndarray:
     return mask
 
 
+class Subset(NamedTuple):
+    """The usable images of one part (train, val or test) and what was left out of it."""
+
+    dataset: ImageScoreDataset
+    kept: np.ndarray  # listing indices of the dataset's images, in order
+    absent: int  # listed, not on disk
+    unscored: int  # on disk, no score (NaN: nobody saw it)
+
+
 def subset(paths: Sequence[Path], scores: np.ndarray, index: np.ndarray, present: np.ndarray,
-           transform: Transform) -> tuple[ImageScoreDataset, int, int]:
-    """The images at `index` that exist and have a score; also returns (absent, unscored) counts.
+           transform: Transform) -> Subset:
+    """The images at `index` that exist and have a score.
 
     Items are dropped, never re-indexed, so each path keeps its own score.
     """
@@ -40,7 +91,14 @@ def subset(paths: Sequence[Path], scores: np.ndarray, index: np.ndarray, present
     scored = ~np.isnan(scores[index])
     keep = index[here & scored]
     dataset = ImageScoreDataset([paths[i] for i in keep], scores[keep], transform)
-    return dataset, int((~here).sum()), int((here & ~scored).sum())
+    return Subset(dataset, keep, int((~here).sum()), int((here & ~scored).sum()))
+
+
+def part_counts(parts: dict[str, Subset]) -> dict[str, dict[str, int]]:
+    """The `counts`, `absent` and `unscored` entries of Split.info, one number per part."""
+    return {"counts": {name: len(part.dataset) for name, part in parts.items()},
+            "absent": {name: part.absent for name, part in parts.items()},
+            "unscored": {name: part.unscored for name, part in parts.items()}}
 
 
 def seeded_split(n: int, *, seed: int, split: int, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -87,31 +145,37 @@ def split_half_split(paths: Sequence[Path], present: np.ndarray, hrs1: np.ndarra
                      info: dict[str, Any]) -> Split:
     """Isola et al.'s protocol: train on half-1 scores of the train images, test on half-2 scores of the test images.
 
-    `info` gains the absent/unscored counts and the human consistency on this split's usable test images.
+    The test images' half-1 scores go with the split (`test_other_half`) for human consistency.
     """
-    train, train_absent, train_unscored = subset(paths, hrs1[split], train_idx, present, transform)
-    test, test_absent, test_unscored = subset(paths, hrs2[split], test_idx, present, transform)
-    usable = np.asarray([i for i in test_idx if present[i] and not np.isnan(hrs1[split, i])
-                         and not np.isnan(hrs2[split, i])], dtype=np.int64)
-    consistency = spearman(hrs1[split, usable], hrs2[split, usable]) if usable.size >= 2 else float("nan")
+    parts = {"train": subset(paths, hrs1[split], train_idx, present, transform),
+             "test": subset(paths, hrs2[split], test_idx, present, transform)}
     info = {**info, "split": split,
             "protocol": "split-half: train on half-1 scores of train images, test on half-2 scores of test images",
-            "counts": {"train": len(train), "test": len(test)},
-            "absent": {"train": train_absent, "test": test_absent},
-            "unscored": {"train": train_unscored, "test": test_unscored},
-            "human_consistency": consistency,
-            "human_consistency_over": "Spearman(half 1, half 2) on this split's test images"}
-    return Split(train=train, test=test, info=info)
+            **part_counts(parts)}
+    result = Split(train=parts["train"].dataset, test=parts["test"].dataset, info=info,
+                   test_other_half=hrs1[split, parts["test"].kept])
+    # Kept for callers that read it from info; resmemnet.metrics.split_half_consistency(split) is the source.
+    result.info.update(human_consistency=split_half_consistency(result),
+                       human_consistency_over="Spearman(half 1, half 2) on this split's test images")
+    return result
 
 
 def split_half_description(name: str, paths: Sequence[Path], present: np.ndarray, hrs1: np.ndarray,
                            hrs2: np.ndarray, extra: dict[str, Any]) -> dict[str, Any]:
     """What `resmemnet dataset` shows for a split-half set; consistency is over the images present."""
     consistency = human_consistency(hrs1[:, present], hrs2[:, present])
-    mean_scores = np.nanmean(np.stack([hrs1, hrs2]), axis=(0, 1))  # per image, over both halves and all splits
+    halves = np.stack([hrs1, hrs2])
+    seen = ~np.isnan(halves).all(axis=(0, 1))  # scored in at least one half of one split
+    mean_scores = np.full(len(paths), np.nan)
+    mean_scores[seen] = np.nanmean(halves[:, :, seen], axis=(0, 1))  # per image, over both halves and all splits
     return {"dataset": name, "images": presence(paths, present), "splits": {"count": int(hrs1.shape[0]), **extra},
             "scores": score_stats(mean_scores[present]),
             "scores_are": "per-image mean of the half-1 and half-2 hit rates over all splits",
+            "unscored": {"half1": int(np.isnan(hrs1[:, present]).sum()),
+                         "half2": int(np.isnan(hrs2[:, present]).sum()),
+                         "never": int((present & ~seen).sum())},
+            "unscored_are": "(split, image) entries of images present that nobody in that half saw; never: "
+                            "images present with no score in any split",
             "human_consistency": {key: consistency[key] for key in ("mean", "std", "n")},
             "human_consistency_over": "mean over splits of Spearman(half 1, half 2) on the images present"}
 
@@ -124,14 +188,11 @@ def table_split(paths: Sequence[Path], scores: np.ndarray, *, split: int, seed: 
         raise FileNotFoundError(f"None of the {len(paths)} listed images exist (first expected at {paths[0]}); "
                                 "check --root")
     train_idx, test_idx = seeded_split(len(paths), seed=seed, split=split, test_fraction=test_fraction)
-    train, train_absent, train_unscored = subset(paths, scores, train_idx, present, transform)
-    test, test_absent, test_unscored = subset(paths, scores, test_idx, present, transform)
-    return Split(train=train, test=test, info={
+    parts = {"train": subset(paths, scores, train_idx, present, transform),
+             "test": subset(paths, scores, test_idx, present, transform)}
+    return Split(train=parts["train"].dataset, test=parts["test"].dataset, info={
         **info, "split": split, "seed": seed, "protocol": "seeded random train/test split (no official splits)",
-        "image_split": seeded_split_info(seed, split, test_fraction, train_idx, test_idx),
-        "counts": {"train": len(train), "test": len(test)},
-        "absent": {"train": train_absent, "test": test_absent},
-        "unscored": {"train": train_unscored, "test": test_unscored}})
+        "image_split": seeded_split_info(seed, split, test_fraction, train_idx, test_idx), **part_counts(parts)})
 
 
 def table_description(name: str, paths: Sequence[Path], scores: np.ndarray, extra: dict[str, Any]) -> dict[str, Any]:

@@ -13,12 +13,24 @@ from torch.utils.data import Dataset
 
 from resmemnet.data.images import load_image
 
-__all__ = ["ImageScoreDataset", "Split"]
+__all__ = ["ImageScoreDataset", "ScoreFileError", "Split"]
+
+
+class ScoreFileError(ValueError):
+    """A row of a score table that cannot be used (not a number, not finite, a duplicate path).
+
+    The message is one line, `FILE:LINE: problem`, so the CLI prints it as it is.
+    """
+
+    def __init__(self, path: str | Path, line: int, problem: str):
+        super().__init__(f"{path}:{line}: {problem}")
+        self.path, self.line, self.problem = Path(path), line, problem
 
 
 class ImageScoreDataset(Dataset):
     """(image, score) pairs; `transform` maps a PIL image to a tensor (None returns the PIL image).
 
+    Every score must be finite: one NaN or inf would make every metric over the set NaN or inf.
     A bad file raises ImageLoadError naming it, so a caller can report and skip it.
     """
 
@@ -27,7 +39,12 @@ class ImageScoreDataset(Dataset):
         if len(paths) != len(scores):
             raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
         self.paths = [Path(p) for p in paths]
-        self.scores = np.asarray(scores, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a value beyond float32 becomes inf and is reported below
+            self.scores = np.asarray(scores, dtype=np.float32)
+        bad = np.flatnonzero(~np.isfinite(self.scores))
+        if bad.size:
+            raise ValueError(f"{bad.size} of {len(paths)} scores are not finite, e.g. {self.paths[bad[0]]}: "
+                             f"{self.scores[bad[0]]}; leave unscored images out of the dataset")
         self.transform = transform
 
     def __len__(self) -> int:
@@ -47,11 +64,16 @@ class ImageScoreDataset(Dataset):
 class Split:
     """One evaluation split: train (and optional validation) against test, plus how it was made.
 
-    `info` records what a report must show to be reproducible (split index, seed, counts of
-    absent images, the protocol used).
+    `info` records what a report must show to be reproducible: split index, seed, the protocol, and
+    per part (train/val/test) the images used (`counts`), listed but absent from disk (`absent`) and
+    listed but without a score (`unscored`). For split-half datasets (LNSIM, SUN) the test scores are
+    half 2 and `test_other_half` holds the same images' half-1 scores (NaN where nobody in half 1 saw
+    one), so an evaluation can put human consistency beside the model's rho
+    (resmemnet.metrics.split_half_consistency); it is None for datasets with one score per image.
     """
 
     train: ImageScoreDataset
     test: ImageScoreDataset
     val: ImageScoreDataset | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    test_other_half: np.ndarray | None = None

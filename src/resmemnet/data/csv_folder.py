@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import csv as csv_module
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from resmemnet.data._common import Transform, check_split, table_description, table_split
-from resmemnet.data.base import Split
+from resmemnet.data._common import (
+    Transform,
+    check_split,
+    check_unique,
+    finite_score,
+    table_description,
+    table_split,
+)
+from resmemnet.data.base import ScoreFileError, Split
 
 __all__ = ["OPTIONS", "describe", "load_split", "num_splits"]
 
@@ -17,13 +25,14 @@ OPTIONS = ("csv", "path_column", "score_column")
 
 
 def _read(root: Path, csv: str | Path | None, path_column: str, score_column: str) -> tuple[list[Path], np.ndarray]:
+    """Every row's path (from `root`) and score; a bad score or a path listed twice stops with file and line."""
     if csv is None:
         raise ValueError("The csv dataset needs the table's path: csv=PATH (CLI: --csv PATH), with columns "
                          f"{path_column},{score_column}")
     table = Path(csv)
     if not table.is_file():
         raise FileNotFoundError(f"CSV file {table} not found")
-    paths, scores = [], []
+    paths, scores, seen, absolute_root = [], [], {}, os.path.abspath(root)
     with open(table, newline="", encoding="utf-8-sig") as f:
         reader = csv_module.DictReader(f)
         missing = [c for c in (path_column, score_column) if c not in (reader.fieldnames or [])]
@@ -31,11 +40,12 @@ def _read(root: Path, csv: str | Path | None, path_column: str, score_column: st
             raise ValueError(f"{table} lacks column(s) {', '.join(missing)}; it has: "
                              f"{', '.join(reader.fieldnames or []) or 'no header'} (choose with --path-column, "
                              "--score-column)")
-        for number, row in enumerate(reader, 2):
-            try:
-                scores.append(float(row[score_column]))
-            except (TypeError, ValueError):
-                raise ValueError(f"{table}:{number}: {score_column} is not a number: {row[score_column]!r}") from None
+        for row in reader:
+            line = reader.line_num
+            scores.append(finite_score(row[score_column], table=table, line=line, column=score_column))
+            if not (row[path_column] or "").strip():
+                raise ScoreFileError(table, line, f"{path_column} is empty; give the image's path")
+            check_unique(seen, os.path.join(absolute_root, row[path_column]), table=table, line=line)
             paths.append(root / row[path_column])  # an absolute path stays as it is
     if not paths:
         raise ValueError(f"{table} has a header but no rows")

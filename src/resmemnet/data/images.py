@@ -2,13 +2,15 @@
 
 Handles EXIF orientation, greyscale, CMYK, palette and alpha images (composited on white, as a
 viewer shows them) and 16-bit images. Huge images are refused before decoding (decompression-bomb
-guard), and JPEGs are decoded at a reduced scale when only a small size is needed, which bounds
-memory whatever the file's resolution.
+guard). When only a small size is needed, JPEGs are decoded at a reduced scale (draft mode) and
+other formats are box-reduced right after decoding, before any conversion or copy, so memory stays
+bounded by one decoded copy of the file whatever its resolution.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from os import PathLike
 from pathlib import Path
@@ -17,9 +19,15 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "ImageLoadError", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV", "ImageLoadError", "default_max_pixels",
+           "load_image"]
 
-DEFAULT_MAX_PIXELS = 100_000_000  # 10,000 x 10,000: far beyond any photo, far below a bomb
+# The decompression-bomb guard shared by the CLI, the library and the server: 40 MP is a 7,700 x 5,200
+# photo, above any phone or DSLR camera's output, and decodes to 120 MB of RGB.
+DEFAULT_MAX_PIXELS = 40_000_000
+MAX_PIXELS_ENV = "RESMEMNET_MAX_PIXELS"  # overrides DEFAULT_MAX_PIXELS (`resmemnet serve --max-pixels` overrides both)
+# Modes whose pixel values can be box-averaged; the rest (palette, 1-bit, 16-bit) are converted first.
+_REDUCIBLE_MODES = frozenset({"L", "LA", "RGB", "RGBA", "CMYK", "YCbCr", "I", "F", "LAB", "HSV"})
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 
@@ -41,12 +49,26 @@ def _name(source: ImageSource) -> str:
     return getattr(source, "name", "<bytes>") if not isinstance(source, bytes) else "<bytes>"
 
 
-def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+def default_max_pixels() -> int:
+    """The pixel limit in force: $RESMEMNET_MAX_PIXELS when set, else DEFAULT_MAX_PIXELS."""
+    value = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_PIXELS
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={value!r} is not a positive whole number of pixels; "
+                         f"unset it or use e.g. {MAX_PIXELS_ENV}={DEFAULT_MAX_PIXELS}")
+    return int(value)
+
+
+def load_image(source: ImageSource, *, max_pixels: int | None = None,
                min_size: tuple[int, int] | None = None) -> Image.Image:
     """Open any supported image as 8-bit RGB, or raise ImageLoadError naming the file.
 
-    `min_size` (height, width) lets JPEG decoding skip detail that a later resize would discard.
+    `max_pixels` defaults to `default_max_pixels()`. `min_size` (height, width) lets decoding skip
+    detail that a later resize would discard: the result is then smaller, but at least
+    max(min_size) on both sides (either side may end up vertical after EXIF rotation).
     """
+    max_pixels = default_max_pixels() if max_pixels is None else max_pixels
     name = _name(source)
     if isinstance(source, (str, PathLike)):
         path = Path(source)
@@ -69,8 +91,10 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
                 raise ImageLoadError(name, f"image is {width}x{height} = {width * height:,} pixels, over the limit "
                                            f"of {max_pixels:,} (decompression-bomb guard)")
             if min_size is not None and img.format == "JPEG":
-                img.draft("RGB", (min_size[1], min_size[0]))
+                img.draft("RGB", (max(min_size), max(min_size)))
             img.load()
+            if min_size is not None:
+                img = _reduce(img, max(min_size))
     except ImageLoadError:
         raise
     except PermissionError as exc:
@@ -82,6 +106,20 @@ def load_image(source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS,
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(name, f"truncated or corrupt image data ({exc})") from exc
     return _to_rgb(ImageOps.exif_transpose(img))
+
+
+def _reduce(img: Image.Image, side: int) -> Image.Image:
+    """Box-average by the largest whole factor that keeps both sides >= side.
+
+    Runs right after decoding, so the EXIF rotation and the RGB conversion (each a full copy) act on
+    the small image; PNGs cannot be decoded at a reduced scale as JPEGs can.
+    """
+    factor = min(img.size) // side
+    if factor < 2:
+        return img
+    if img.mode not in _REDUCIBLE_MODES:  # averaging palette indices or 1-bit values would be meaningless
+        img = _to_rgb(img)
+    return img.reduce(factor)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:

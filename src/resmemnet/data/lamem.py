@@ -11,8 +11,18 @@ from typing import Any
 
 import numpy as np
 
-from resmemnet.data._common import Transform, check_split, presence, present_mask, score_stats, subset
-from resmemnet.data.base import ImageScoreDataset, Split
+from resmemnet.data._common import (
+    Transform,
+    check_split,
+    check_unique,
+    finite_score,
+    part_counts,
+    presence,
+    present_mask,
+    score_stats,
+    subset,
+)
+from resmemnet.data.base import ScoreFileError, Split
 
 __all__ = ["OPTIONS", "describe", "load_split", "num_splits", "read_split_file"]
 
@@ -21,19 +31,18 @@ PARTS = ("train", "val", "test")
 
 
 def read_split_file(path: Path) -> tuple[list[str], np.ndarray]:
-    """(names, scores) from one split file; a malformed line is an error naming file and line."""
-    names, scores = [], []
+    """(names, scores) from one split file; a malformed line, a non-finite score or a name listed twice is a
+    ScoreFileError naming file and line."""
+    names, scores, seen = [], [], {}
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             fields = line.split()
             if not fields:
                 continue
-            try:
-                if len(fields) != 2:
-                    raise ValueError
-                scores.append(float(fields[1]))
-            except ValueError:
-                raise ValueError(f"{path}:{number}: expected 'NAME SCORE', got {line.strip()!r}") from None
+            if len(fields) != 2:
+                raise ScoreFileError(path, number, f"expected 'NAME SCORE', got {line.strip()!r}")
+            scores.append(finite_score(fields[1], table=path, line=number, column="score"))
+            check_unique(seen, fields[0], table=path, line=number)
             names.append(fields[0])
     return names, np.asarray(scores, dtype=np.float64)
 
@@ -53,14 +62,24 @@ def num_splits(root: str | Path) -> int:
     return len(_split_numbers(Path(root)))
 
 
-def _part(root: Path, part: str, number: int, transform: Transform) -> tuple[ImageScoreDataset, int] | None:
-    path = root / "splits" / f"{part}_{number}.txt"
-    if not path.is_file():
-        return None
-    names, scores = read_split_file(path)
-    paths = [root / "images" / name for name in names]
-    dataset, absent, _ = subset(paths, scores, np.arange(len(paths)), present_mask(paths), transform)
-    return dataset, absent
+def _read_parts(root: Path, number: int) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Names and scores of each part of split `number` that has a file; an image in two parts is an error."""
+    files = {part: root / "splits" / f"{part}_{number}.txt" for part in PARTS}
+    parts = {part: read_split_file(path) for part, path in files.items() if path.is_file()}
+    owner: dict[str, str] = {}
+    for part, (names, _) in parts.items():
+        for name in names:
+            if name in owner:
+                raise ScoreFileError(files[part], _line_of(files[part], name), f"{name} is also in "
+                                     f"{files[owner[name]].name}; an image belongs to one part of a split")
+            owner[name] = part
+    return parts
+
+
+def _line_of(path: Path, name: str) -> int:
+    """The line of `path` that lists `name` (looked up only to report an error)."""
+    with open(path, encoding="utf-8") as f:
+        return next(number for number, line in enumerate(f, 1) if line.split()[:1] == [name])
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
@@ -70,18 +89,19 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
     numbers = _split_numbers(root)
     check_split(split, len(numbers), "LaMem")
     number = numbers[split]
-    parts = {part: _part(root, part, number, transform) for part in PARTS}
-    if not len(parts["train"][0]) + len(parts["test"][0]):
+    parts = {}
+    for part, (names, scores) in _read_parts(root, number).items():
+        paths = [root / "images" / name for name in names]
+        parts[part] = subset(paths, scores, np.arange(len(paths)), present_mask(paths), transform)
+    if not len(parts["train"].dataset) + len(parts["test"].dataset):
         raise FileNotFoundError(f"None of the images listed in {root / 'splits'} are in {root / 'images'}; "
                                 "download LaMem's images into that folder")
     info = {"dataset": "lamem", "root": str(root), "split": split, "seed": seed,
-            "split_files": [f"{part}_{number}.txt" for part in PARTS if parts[part] is not None],
-            "protocol": f"official LaMem split {number}: train/val/test files",
-            "counts": {part: len(value[0]) for part, value in parts.items() if value is not None},
-            "absent": {part: value[1] for part, value in parts.items() if value is not None}}
+            "split_files": [f"{part}_{number}.txt" for part in parts],
+            "protocol": f"official LaMem split {number}: train/val/test files", **part_counts(parts)}
     # no val file, or none of its images on disk: None, so a trainer carves its own validation set
-    val = parts["val"][0] if parts["val"] is not None and len(parts["val"][0]) else None
-    return Split(train=parts["train"][0], test=parts["test"][0], val=val, info=info)
+    val = parts["val"].dataset if "val" in parts and len(parts["val"].dataset) else None
+    return Split(train=parts["train"].dataset, test=parts["test"].dataset, val=val, info=info)
 
 
 def describe(root: str | Path) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from scipy.io import loadmat
 from resmemnet.data._common import (
     Transform,
     check_split,
+    check_split_halves,
     present_mask,
     seeded_split,
     seeded_split_info,
@@ -24,12 +25,19 @@ from resmemnet.data._common import (
 )
 from resmemnet.data.base import Split
 
-__all__ = ["OPTIONS", "describe", "load_split", "num_splits"]
+__all__ = ["OPTIONS", "describe", "load_split", "num_splits", "split_half_scores"]
 
 OPTIONS: tuple[str, ...] = ()
 
 
-def _halves(root: Path) -> tuple[np.ndarray, np.ndarray]:
+def split_half_scores(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """LNSIM's split-half hit rates (hrs1, hrs2): two splits x images matrices, column i is image i + 1.
+
+    Row s holds the hit rates from the two random halves of the participants in subject split s: the
+    split-half protocol trains on hrs1 and tests against hrs2, and their mean is the all-participant
+    score. NaN means nobody in that half saw the image.
+    """
+    root = Path(root)
     halves = []
     for k in (1, 2):
         path = root / "Random_splits" / f"subject_hrs{k}.mat"
@@ -40,9 +48,7 @@ def _halves(root: Path) -> tuple[np.ndarray, np.ndarray]:
         if f"subject_hrs{k}" not in data:
             raise ValueError(f"{path} has no variable subject_hrs{k} (found: {', '.join(sorted(data))})")
         halves.append(np.asarray(data[f"subject_hrs{k}"], dtype=np.float64))
-    if halves[0].shape != halves[1].shape or halves[0].ndim != 2:
-        raise ValueError(f"subject_hrs1 {halves[0].shape} and subject_hrs2 {halves[1].shape} must be the same "
-                         "splits x images matrix")
+    check_split_halves(halves[0], halves[1], root / "Random_splits")
     return halves[0], halves[1]
 
 
@@ -51,13 +57,13 @@ def _paths(root: Path, n: int) -> list[Path]:
 
 
 def num_splits(root: str | Path) -> int:
-    return int(_halves(Path(root))[0].shape[0])
+    return int(split_half_scores(Path(root))[0].shape[0])
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
                transform: Transform = None) -> Split:
     root = Path(root)
-    hrs1, hrs2 = _halves(root)
+    hrs1, hrs2 = split_half_scores(root)
     check_split(split, hrs1.shape[0], "LNSIM")
     paths = _paths(root, hrs1.shape[1])
     train_idx, test_idx = seeded_split(len(paths), seed=seed, split=split, test_fraction=test_fraction)
@@ -69,7 +75,7 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
 
 def describe(root: str | Path) -> dict[str, Any]:
     root = Path(root)
-    hrs1, hrs2 = _halves(root)
+    hrs1, hrs2 = split_half_scores(root)
     paths = _paths(root, hrs1.shape[1])
     extra = {"image_split": "made in code: numpy default_rng([seed, split]), test_fraction of all listed images"}
     return split_half_description("lnsim", paths, present_mask(paths), hrs1, hrs2, extra)

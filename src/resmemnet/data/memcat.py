@@ -7,14 +7,22 @@ correction by default; `score_column="memorability_wo_fa_correction"` picks the 
 from __future__ import annotations
 
 import csv as csv_module
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from resmemnet.data._common import Transform, check_split, table_description, table_split
-from resmemnet.data.base import Split
+from resmemnet.data._common import (
+    Transform,
+    check_split,
+    check_unique,
+    finite_score,
+    table_description,
+    table_split,
+)
+from resmemnet.data.base import ScoreFileError, Split
 
 __all__ = ["OPTIONS", "SCORE_COLUMNS", "describe", "load_split", "num_splits"]
 
@@ -24,12 +32,13 @@ CSV_NAME = "memcat_image_data.csv"
 
 
 def _read(root: Path, score_column: str, csv_path: str | Path | None) -> tuple[list[Path], np.ndarray, Counter]:
+    """Every row's image path, score and category; a bad score or a repeated image stops with file and line."""
     if score_column not in SCORE_COLUMNS:
         raise ValueError(f"Unknown MemCat score column {score_column!r}; choose one of: {', '.join(SCORE_COLUMNS)}")
     path = Path(csv_path) if csv_path is not None else root / CSV_NAME
     if not path.is_file():
         raise FileNotFoundError(f"MemCat table {path} not found; put {CSV_NAME} in --root or pass its path (--csv)")
-    paths, scores, categories = [], [], Counter()
+    paths, scores, categories, seen, absolute_root = [], [], Counter(), {}, os.path.abspath(root)
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv_module.DictReader(f)
         needed = ("image_file", "category", "subcategory", score_column)
@@ -37,12 +46,14 @@ def _read(root: Path, score_column: str, csv_path: str | Path | None) -> tuple[l
         if missing:
             raise ValueError(f"{path} lacks column(s) {', '.join(missing)}; "
                              f"it has: {', '.join(reader.fieldnames or [])}")
-        for number, row in enumerate(reader, 2):
-            try:
-                scores.append(float(row[score_column]))
-            except ValueError:
-                raise ValueError(f"{path}:{number}: {score_column} is not a number: {row[score_column]!r}") from None
-            paths.append(root / row["category"] / row["subcategory"] / row["image_file"])
+        for row in reader:
+            line = reader.line_num
+            scores.append(finite_score(row[score_column], table=path, line=line, column=score_column))
+            folders = (row["category"], row["subcategory"], row["image_file"])
+            if not all(folders):
+                raise ScoreFileError(path, line, "category, subcategory or image_file is empty; give all three")
+            check_unique(seen, os.path.join(absolute_root, *folders), table=path, line=line)
+            paths.append(root.joinpath(*folders))
             categories[row["category"]] += 1
     return paths, np.asarray(scores, dtype=np.float64), categories
 

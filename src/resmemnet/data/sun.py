@@ -24,6 +24,7 @@ from scipy.io import loadmat, whosmat
 from resmemnet.data._common import (
     Transform,
     check_split,
+    check_split_halves,
     present_mask,
     score_stats,
     split_half_description,
@@ -31,7 +32,7 @@ from resmemnet.data._common import (
 )
 from resmemnet.data.base import Split
 
-__all__ = ["OPTIONS", "describe", "load_split", "num_splits"]
+__all__ = ["OPTIONS", "describe", "load_split", "num_splits", "split_half_scores"]
 
 OPTIONS = ("images_dir",)
 SPLITS_DIR = Path("Data") / "Random splits"
@@ -50,11 +51,15 @@ def _variable(root: Path, relative: Path, name: str, **kwargs: Any) -> Any:
     return data[name]
 
 
-def _halves(root: Path) -> tuple[np.ndarray, np.ndarray]:
+def split_half_scores(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """SUN's split-half hit rates (hrs1, hrs2): two 25 x 2222 matrices, column i is target image i + 1.
+
+    NaN means nobody in that half of the participants saw the image (0/0 in MATLAB).
+    """
+    root = Path(root)
     hrs1, hrs2 = (np.asarray(_variable(root, SPLITS_DIR / f"{n}.mat", n), dtype=np.float64)
                   for n in ("subject_hrs1", "subject_hrs2"))
-    if hrs1.shape != hrs2.shape or hrs1.ndim != 2:
-        raise ValueError(f"subject_hrs1 {hrs1.shape} and subject_hrs2 {hrs2.shape} must be one splits x images matrix")
+    check_split_halves(hrs1, hrs2, root / SPLITS_DIR)
     return hrs1, hrs2
 
 
@@ -91,14 +96,14 @@ def _extract_images(root: Path, images_dir: Path, n: int) -> list[Path]:
 
 
 def num_splits(root: str | Path, **options: Any) -> int:
-    return int(_halves(Path(root))[0].shape[0])
+    return int(split_half_scores(Path(root))[0].shape[0])
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
                transform: Transform = None, images_dir: str | Path | None = None) -> Split:
     """The official split `split` (0-based row of the split files); `seed`/`test_fraction` do not apply."""
     root = Path(root)
-    hrs1, hrs2 = _halves(root)
+    hrs1, hrs2 = split_half_scores(root)
     n_splits, n_images = hrs1.shape
     check_split(split, n_splits, "SUN")
     train_idx = _indices(root, "image_train_indices", n_splits, n_images)[split]
@@ -114,7 +119,7 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
 def describe(root: str | Path, *, images_dir: str | Path | None = None) -> dict[str, Any]:
     """Hit rates per image from the experiment data; 'present' means stored in target_images.mat."""
     root = Path(root)
-    hrs1, hrs2 = _halves(root)
+    hrs1, hrs2 = split_half_scores(root)
     n_splits, n_images = hrs1.shape
     train = _indices(root, "image_train_indices", n_splits, n_images)
     test = _indices(root, "image_test_indices", n_splits, n_images)

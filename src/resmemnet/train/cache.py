@@ -10,12 +10,12 @@ the same inputs (up to the cache dtype). Any other augmentation would need its o
 
 The key hashes the backbone's name and weights, the preprocessing, the views, the dtype and
 the ordered image paths: change any of them and a fresh cache is built. A cache is written to a
-temporary folder and renamed into place, so a killed build leaves nothing half-written.
+temporary folder and renamed into place, so a killed build leaves nothing half-written, and a file
+lock makes concurrent builders of the same cache (DDP ranks, parallel runs) wait for the first one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -27,15 +27,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from resmemnet.checkpoint import weights_digest
 from resmemnet.data.base import ImageScoreDataset
+from resmemnet.data.decoded import DecodedImages, collate_decoded
 from resmemnet.model.resmemnet import ResMemNet
-from resmemnet.train.data import SafeImages, collate_safe
+from resmemnet.runtime import PrecisionChoice, autocast
 
-__all__ = ["FeatureCache", "build_feature_cache", "cache_key"]
+__all__ = ["CachedRows", "FeatureCache", "build_feature_cache", "cache_key"]
+
+FP32 = PrecisionChoice("fp32", "feature cache default")
 
 
 @dataclass
@@ -67,6 +71,53 @@ class FeatureCache:
         return torch.from_numpy(np.asarray(self.features[v, idx], dtype=np.float32))
 
 
+@dataclass(frozen=True)
+class CachedRows:
+    """Rows of one or more caches addressed as 0..n-1: a carved subset, or train images + extra images."""
+
+    parts: tuple[tuple[FeatureCache, np.ndarray], ...]
+
+    @classmethod
+    def of(cls, cache: FeatureCache, rows: np.ndarray | None = None) -> CachedRows:
+        return cls(((cache, np.arange(len(cache)) if rows is None else np.asarray(rows, dtype=np.int64)),))
+
+    def plus(self, other: CachedRows) -> CachedRows:
+        return CachedRows(self.parts + other.parts)
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.parts)
+
+    @property
+    def views(self) -> int:
+        return min(cache.views for cache, _ in self.parts)
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.concatenate([cache.valid[rows] for cache, rows in self.parts])
+
+    @property
+    def errors(self) -> list[str]:
+        return [e for cache, _ in self.parts for e in cache.errors]
+
+    def take(self, positions: Sequence[int] | np.ndarray, views: Sequence[int] | np.ndarray | int = 0) -> torch.Tensor:
+        """(len(positions), dim) float32 features, like FeatureCache.take."""
+        pos = np.asarray(positions, dtype=np.int64)
+        v = np.broadcast_to(np.asarray(views, dtype=np.int64), pos.shape)
+        out = None
+        start = 0
+        for cache, rows in self.parts:
+            mine = (pos >= start) & (pos < start + len(rows))
+            if mine.any():
+                part = cache.take(rows[pos[mine] - start], v[mine])
+                if out is None:
+                    out = torch.empty((pos.size, part.shape[1]), dtype=torch.float32)
+                out[torch.from_numpy(np.flatnonzero(mine))] = part
+            start += len(rows)
+        if out is None:
+            raise IndexError(f"no cached row among positions {pos[:5].tolist()}")
+        return out
+
+
 def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: str) -> str:
     parts = {
         "backbone": model.config.backbone,  # not the head: runs with other heads share the cache
@@ -82,7 +133,7 @@ def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: s
 @torch.inference_mode()
 def build_feature_cache(model: ResMemNet, dataset: ImageScoreDataset, cache_dir: str | Path, *, views: int = 1,
                         dtype: str = "float16", batch_size: int = 64, workers: int = 0,
-                        device: str | torch.device = "cpu", autocast_dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu", precision: PrecisionChoice | None = None,
                         progress: bool = False) -> FeatureCache:
     """Pooled taps of every image in `dataset` (view 0 as-is, view 1 flipped), reused when already built.
 
@@ -95,26 +146,33 @@ def build_feature_cache(model: ResMemNet, dataset: ImageScoreDataset, cache_dir:
     if (final / "meta.json").is_file():
         return FeatureCache.open(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(final.parent / f"{final.name}.lock"):
+        if not (final / "meta.json").is_file():  # the lock's previous holder may have built it
+            _build(model, dataset, final, views=views, dtype=dtype, batch_size=batch_size, workers=workers,
+                   device=torch.device(device), precision=precision, progress=progress)
+    return FeatureCache.open(final)
+
+
+def _build(model: ResMemNet, dataset: ImageScoreDataset, final: Path, *, views: int, dtype: str, batch_size: int,
+           workers: int, device: torch.device, precision: PrecisionChoice | None, progress: bool) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        device = torch.device(device)
         was_training = model.training
         model.eval()
-        loader = DataLoader(SafeImages(dataset, model.preprocessing.transforms()), batch_size=batch_size,
-                            num_workers=workers, collate_fn=collate_safe)
+        loader = DataLoader(DecodedImages(dataset.paths, model.preprocessing.transforms()), batch_size=batch_size,
+                            num_workers=workers, collate_fn=collate_decoded)
         valid = np.zeros(len(dataset), dtype=bool)
         errors: list[str] = []
         feats = None
-        autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
-                    else contextlib.nullcontext())
-        for idx, images, _, errs in tqdm(loader, desc="feature cache", unit="batch", disable=not progress):
-            errors += errs
-            if images is None:
+        for batch in tqdm(loader, desc="feature cache", unit="batch", disable=not progress):
+            errors += [f"{item.path}: {item.error}" for item in batch.failed]
+            if batch.images is None:
                 continue
-            images = images.to(device)
+            idx = batch.indices
+            images = batch.images.to(device)
             for view in range(views):
                 x = images.flip(-1) if view else images
-                with autocast:
+                with autocast(device, precision or FP32):
                     pooled = model.pool_taps(x).float().cpu().numpy()
                 if feats is None:
                     feats = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype,
@@ -129,10 +187,6 @@ def build_feature_cache(model: ResMemNet, dataset: ImageScoreDataset, cache_dir:
         np.save(tmp / "valid.npy", valid)
         (tmp / "meta.json").write_text(json.dumps({"n": len(dataset), "views": views, "dtype": dtype,
                                                    "errors": errors}))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process finished the same cache first; theirs is identical
-            pass
+        os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return FeatureCache.open(final)

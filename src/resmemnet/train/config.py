@@ -1,43 +1,59 @@
-"""One TrainConfig: defaults < config file (TOML) < CLI overrides; unknown keys and wrong types fail.
+"""One TrainConfig: defaults < config file (TOML) < `--set` overrides, checked strictly by pydantic.
 
 The defaults are the paper's recipe ("Training settings and results"): batch 24, 224x224, MSE with
 L2 weight decay 1e-4, Adam (eps 1e-6) with an optional cost-augmented gradient, and three phases
-with a triangular learning rate cycle inside every epoch.
+with a triangular learning rate cycle inside every epoch. Unknown keys, wrong types (no silent
+conversions: 2.5 is no batch size, 1 is no bool), non-finite numbers and absurd sizes fail with
+one line naming the key.
+
+The options after the paper's recipe build the bundled models (configs/resmemnet-lnsim-*.toml):
+standardised cached inputs folded into the projections, all-participant mean targets, a
+calibrated and fp16-stored head, and the split-half test against every subject split.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import tomllib
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
 from resmemnet.model.resmemnet import ModelConfig
 
-__all__ = ["AUGMENTATIONS", "PhaseConfig", "TrainConfig", "load_config", "parse_override"]
+__all__ = ["AUGMENTATIONS", "PAPER_PHASES", "PhaseConfig", "TrainConfig", "load_config", "parse_override"]
 
 AUGMENTATIONS = ("none", "hflip")
-AMP_MODES = ("auto", "off", "bf16", "fp16")
+MAX_EPOCHS = 10_000
+MAX_BATCH = 65_536
+MAX_IMAGE_SIZE = 4096
+MAX_LR = 10.0
+
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # ints are accepted, strings and inf/nan not
 
 
-@dataclass(frozen=True)
-class PhaseConfig:
+class PhaseConfig(BaseModel):
     """A run of epochs with one learning-rate range; `frozen` keeps the backbone fixed (and cacheable)."""
 
-    epochs: int
-    lr_min: float
-    lr_max: float
-    frozen: bool = False
+    model_config = _STRICT
 
-    def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"phase epochs must be >= 0, got {self.epochs}")
-        if not 0 < self.lr_min <= self.lr_max:
-            raise ValueError(f"phase needs 0 < lr_min <= lr_max, got {self.lr_min}, {self.lr_max}")
+    epochs: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCHS)]
+    lr_min: Annotated[Float, Field(gt=0, le=MAX_LR)]
+    lr_max: Annotated[Float, Field(gt=0, le=MAX_LR)]
+    frozen: StrictBool = False
+
+    def __init__(self, epochs: int, lr_min: float, lr_max: float, frozen: bool = False, **kwargs: Any):
+        super().__init__(epochs=epochs, lr_min=lr_min, lr_max=lr_max, frozen=frozen, **kwargs)
+
+    @pydantic.model_validator(mode="after")
+    def _ordered(self) -> PhaseConfig:
+        if self.lr_min > self.lr_max:
+            raise ValueError(f"needs lr_min <= lr_max, got {self.lr_min} > {self.lr_max}")
+        return self
 
 
 PAPER_PHASES = (
@@ -46,103 +62,114 @@ PAPER_PHASES = (
     PhaseConfig(epochs=15, lr_min=1e-5, lr_max=1e-4),
 )
 
+# The [model] table is checked against ModelConfig's own fields (strict types, no unknown keys);
+# ModelConfig then checks names and ranges itself.
+_ModelTable = pydantic.create_model(
+    "model", __config__=ConfigDict(extra="forbid", strict=True, allow_inf_nan=False),
+    **{f.name: (f.type if f.type != "float" else Float, f.default) for f in dataclasses.fields(ModelConfig)})
 
-@dataclass(frozen=True)
-class TrainConfig:
+
+class TrainConfig(BaseModel):
     """Every setting of a training run; saved in the run directory and in each checkpoint's metadata."""
 
-    model: ModelConfig = field(default_factory=ModelConfig)
-    phases: tuple[PhaseConfig, ...] = PAPER_PHASES
-    seed: int = 0
-    batch_size: int = 24
-    image_size: int = 224
-    weight_decay: float = 1e-4
-    adam_eps: float = 1e-6
-    cost_lambda: float = 0.0  # H = lambda * J + grad J (paper Eq. 9); 0 gives plain Adam
-    augment: str = "hflip"  # random horizontal flip, decided per (seed, epoch, image)
-    val_fraction: float = 0.1  # carved (seeded) out of train when a split has no validation set
-    early_stopping: int = 0  # end a phase after this many epochs without a better val rho; 0 = off
-    cache_features: bool = True  # frozen phases train the head from cached pooled taps
-    cache_dir: str = ""  # "" = <output>/feature_cache
-    cache_dtype: str = "float16"
-    workers: int = 2
-    amp: str = "auto"  # auto: bf16 on CPUs with avx512_bf16/amx and on bf16 GPUs, fp16 on older GPUs
-    channels_last: bool = True
-    device: str = "auto"
-    save_every: int = 50  # write resume state every N steps (and at every epoch end)
-    progress: bool = True
+    model_config = _STRICT
 
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.image_size < 16:
-            raise ValueError(f"batch_size must be >= 1 and image_size >= 16, got {self.batch_size}, {self.image_size}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"Unknown augment {self.augment!r}; available: {', '.join(AUGMENTATIONS)}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"Unknown amp {self.amp!r}; available: {', '.join(AMP_MODES)}")
-        if self.cache_dtype not in ("float16", "float32"):
-            raise ValueError(f"cache_dtype must be float16 or float32, got {self.cache_dtype!r}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.save_every < 1 or self.early_stopping < 0 or self.workers < 0:
-            raise ValueError("save_every must be >= 1; early_stopping and workers must be >= 0")
-        if not self.phases:
-            raise ValueError("Need at least one phase")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    phases: Annotated[tuple[PhaseConfig, ...], Field(min_length=1, max_length=100, strict=False)] = PAPER_PHASES
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
+    batch_size: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)] = 24
+    image_size: Annotated[StrictInt, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
+    weight_decay: Annotated[Float, Field(ge=0, le=1)] = 1e-4
+    adam_eps: Annotated[Float, Field(gt=0, le=1)] = 1e-6
+    cost_lambda: Annotated[Float, Field(ge=0, le=100)] = 0.0  # H = lambda * J + grad J (paper Eq. 9); 0: Adam
+    augment: Literal["none", "hflip"] = "hflip"  # random horizontal flip, decided per (seed, epoch, image)
+    val_fraction: Annotated[Float, Field(gt=0, lt=1)] = 0.1  # carved (seeded) out of train when a split has none
+    early_stopping: Annotated[StrictInt, Field(ge=0, le=MAX_EPOCHS)] = 0  # stale epochs that end a phase; 0 = off
+    cache_features: StrictBool = True  # frozen phases train the head from cached pooled taps
+    cache_dir: StrictStr = ""  # "" = <output>/feature_cache; "~" is expanded
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    workers: Annotated[StrictInt, Field(ge=0, le=256)] = 2
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # resmemnet.runtime.choose_precision
+    channels_last: StrictBool = True
+    device: StrictStr = "auto"
+    save_every: Annotated[StrictInt, Field(ge=1)] = 50  # write resume state every N steps (and at epoch ends)
+    progress: StrictBool = True
+    # ---- what the bundled models use (see the module docstring)
+    standardise: StrictBool = False  # train on (taps - mean) / std of the train taps; folded into the 1x1 convs
+    target: Literal["split", "mean"] = "split"  # "mean": every participant's mean score (split-half datasets)
+    test_protocol: Literal["split", "every_subject_split"] = "split"  # the latter: mean rho vs half-2 of each
+    calibrate: StrictBool = False  # fit sigmoid(a * logit + c) on validation, folded into head.fc
+    head_dtype: Literal["float32", "float16"] = "float32"  # storage of projection + head in the final best file
+    distil_csv: StrictStr = ""  # path,score CSV of extra (unlabelled) training images, e.g. resmem's scores
+    name: StrictStr = ""  # the model's name, written into its checkpoints' metadata
+
+    @pydantic.field_validator("model", mode="before")
+    @classmethod
+    def _model_table(cls, value: Any) -> ModelConfig:
+        if isinstance(value, ModelConfig):
+            return value
+        if isinstance(value, dict) and value.get("backbone_weights") in ("none", "null"):
+            value = {**value, "backbone_weights": None}  # TOML has no null: `--set model.backbone_weights=none`
+        return ModelConfig(**_ModelTable.model_validate(value).model_dump())
+
+    @pydantic.model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.total_epochs < 1:
+            raise ValueError("every phase has 0 epochs: nothing would train; give a phase epochs >= 1")
+        all_frozen_cached = self.cache_features and all(p.frozen for p in self.phases)
+        if self.standardise and not all_frozen_cached:
+            raise ValueError("standardise=true needs every phase frozen and cache_features=true "
+                             "(the statistics come from the cached taps of a fixed backbone)")
+        if self.distil_csv and not all_frozen_cached:
+            raise ValueError("distil_csv needs every phase frozen and cache_features=true")
+        if self.calibrate and self.model.output != "sigmoid":
+            raise ValueError("calibrate=true needs model.output='sigmoid'")
+        return self
 
     @property
     def total_epochs(self) -> int:
         return sum(p.epochs for p in self.phases)
 
+    @property
+    def frozen_throughout(self) -> bool:
+        """The backbone never trains: its features can be cached for every phase and for the test."""
+        return all(p.frozen for p in self.phases)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with `changes` applied, checked like any config."""
+        try:
+            return type(self).model_validate({**dict(self), **changes})
+        except ValidationError as exc:
+            raise ValueError(_describe(exc)) from None
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["phases"] = [asdict(p) for p in self.phases]
-        return data
+        return {**self.model_dump(mode="json", exclude={"model"}), "model": self.model.to_dict()}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Build from plain data, checking every key and type (TOML/JSON tables for model and phases)."""
-        return _build(cls, data, "")
+        """Build from plain data (TOML/JSON), every key and type checked; errors are one line."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ValueError(_describe(exc)) from None
 
 
-def _build(cls: type, data: Any, where: str) -> Any:
-    if not isinstance(data, dict):
-        raise ValueError(f"{where or 'config'} must be a table, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"Unknown config key(s) {[where + k for k in unknown]}; valid keys: {sorted(names)}")
-    return cls(**{k: _coerce(v, hints[k], f"{where}{k}") for k, v in data.items()})
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against the field type; ints may stand for floats, nothing else is converted."""
-    origin = typing.get_origin(hint)
-    if hint in (ModelConfig, PhaseConfig):
-        return _build(hint, value, f"{key}.")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{key} must be a list, got {type(value).__name__}")
-        inner = typing.get_args(hint)[0]
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if type(None) in options and (value is None or value in ("none", "null")):
-            return None  # TOML has no null: `--set model.backbone_weights=none` clears an optional key
-        for option in options:
-            if option is not type(None):
-                try:
-                    return _coerce(value, option, key)
-                except ValueError:
-                    continue
-        raise ValueError(f"{key} must be one of {options}, got {value!r}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ValueError(f"{key} must be {hint.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def _describe(exc: ValidationError) -> str:
+    """pydantic's report as one line: 'phases.0.lr_max: Input should be a finite number (got inf)'."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parts.append(f"Unknown config key {where!r}")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        shown = err.get("input")
+        got = "" if isinstance(shown, dict) or err["type"].startswith("value_error") else f" (got {shown!r})"
+        parts.append(f"{where}: {message}{got}" if where else message)
+    return "Invalid config: " + "; ".join(parts)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -154,20 +181,34 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
-    return key.strip().split("."), value
+    path = key.strip().split(".")
+    if not all(path):
+        raise ValueError(f"Override {text!r} has an empty key part; use dotted keys like model.head=last")
+    return path, value
 
 
 def _apply(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set data[path] = value; a missing table, a bad list index or a scalar in the way fail by name."""
     target: Any = data
-    for i, part in enumerate(path[:-1]):
-        nxt = target[int(part)] if isinstance(target, list) else target.get(part)
-        if nxt is None:
-            raise ValueError(f"Cannot override {'.'.join(path)}: {'.'.join(path[:i + 1])} does not exist")
-        target = nxt
-    if isinstance(target, list):
-        target[int(path[-1])] = value
-    else:
-        target[path[-1]] = value
+    for i, part in enumerate(path):
+        where = ".".join(path[:i + 1])
+        last = i == len(path) - 1
+        if isinstance(target, list):
+            if not part.isdigit() or int(part) >= len(target):
+                raise ValueError(f"Cannot override {'.'.join(path)}: {'.'.join(path[:i])} has {len(target)} "
+                                 f"entries (indices 0..{len(target) - 1}), not {part!r}")
+            if last:
+                target[int(part)] = value
+            target = target[int(part)]
+        elif isinstance(target, dict):
+            if last:
+                target[part] = value  # an unknown key is reported by validation, with the valid ones
+            elif part not in target:
+                raise ValueError(f"Cannot override {'.'.join(path)}: {where} does not exist")
+            target = target.get(part)
+        else:
+            raise ValueError(f"Cannot override {'.'.join(path)}: {'.'.join(path[:i])} is a value "
+                             f"({target!r}), not a table or list")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -179,8 +220,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise FileNotFoundError(f"Config file not found: {path}")
         try:
             file_data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path} is not valid TOML: {exc}") from exc
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path} is not valid TOML: {exc}") from None
         model = file_data.pop("model", {})
         if not isinstance(model, dict):
             raise ValueError(f"{path}: [model] must be a table")

@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from resmemnet.data import load_split
 from resmemnet.metrics import mean_std, regression_metrics
 from resmemnet.model.resmemnet import create_model
+from resmemnet.runtime import choose_precision, resolve_device
 from resmemnet.train.cache import build_feature_cache
 from resmemnet.train.config import TrainConfig
-from resmemnet.train.data import load_split, with_validation
-from resmemnet.train.ddp import Distributed
-from resmemnet.train.loop import amp_dtype, model_preprocessing, resolve_device, train
+from resmemnet.train.loop import model_preprocessing, train
 
 __all__ = ["METHODS", "CrossValResult", "ridge_baseline", "run_crossval"]
 
@@ -46,10 +46,11 @@ def ridge_baseline(config: TrainConfig, split: Any, cache_dir: str | Path) -> di
     from sklearn.preprocessing import StandardScaler
 
     torch.manual_seed(config.seed)  # the same initial backbone as the trained run: its caches are reused
-    device = resolve_device(config.device, Distributed())
+    device = resolve_device(config.device)
     model = create_model(config.model, preprocessing=model_preprocessing(config)).to(device)
     kwargs = {"dtype": config.cache_dtype, "batch_size": 2 * config.batch_size, "workers": config.workers,
-              "device": device, "autocast_dtype": amp_dtype(config, device), "progress": config.progress}
+              "device": device, "precision": choose_precision(config.precision, device),
+              "progress": config.progress}
     train_cache = build_feature_cache(model, split.train, cache_dir,
                                       views=2 if config.augment == "hflip" else 1, **kwargs)
     test_cache = build_feature_cache(model, split.test, cache_dir, **kwargs)
@@ -80,17 +81,16 @@ def run_crossval(config: TrainConfig, dataset: str, root: str | Path, output: st
         raise ValueError(f"Unknown method(s) {unknown}; available: {', '.join(METHODS)}")
     output = Path(output)
     # One cache folder for all splits and methods: the same images under the same backbone are cached once.
-    config = config if config.cache_dir else replace(config, cache_dir=str(output / "feature_cache"))
+    config = config if config.cache_dir else config.replace(cache_dir=str(output / "feature_cache"))
     rows: list[dict[str, Any]] = []
     for s in splits:
-        split = with_validation(load_split(dataset, root, split=s, seed=config.seed, **split_kwargs),
-                                config.val_fraction, config.seed)
+        split = load_split(dataset, root, split=s, seed=config.seed, **split_kwargs)
         for method in methods:
             if method == "ridge":
                 metrics = ridge_baseline(config, split, config.cache_dir)
             else:
-                run_config = config if method == "resmemnet" else replace(
-                    config, model=replace(config.model, head="last"))
+                run_config = config if method == "resmemnet" else config.replace(
+                    model=replace(config.model, head="last"))
                 run_dir = output / f"split{s}" / method
                 metrics = train(run_config, split, run_dir, resume=resume and run_dir.exists()).test
             rows.append({"split": s, "method": method, **{k: metrics[k] for k in ("spearman", "pearson", "mse", "n")}})

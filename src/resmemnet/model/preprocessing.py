@@ -1,17 +1,19 @@
-"""Preprocessing travels with the weights: one dataclass, stored in every checkpoint."""
+"""Preprocessing travels with the weights: one dataclass, carried by every weights object and checkpoint."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode, v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Preprocessing"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_SIDE", "UNNORMALISED", "Preprocessing"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_SIDE = 4096  # a checkpoint asking for larger inputs is damaged or hostile, not a real model
 
 
 @dataclass(frozen=True)
@@ -33,8 +35,14 @@ class Preprocessing:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))  # JSON round-trips give lists
-        if len(self.resize) != 2 or min(self.resize) < 1:
-            raise ValueError(f"resize must be (height, width) with positive sizes, got {self.resize}")
+        for name in ("resize", "crop"):
+            size = getattr(self, name)
+            if size is not None and (len(size) != 2 or not all(1 <= s <= MAX_SIDE for s in size)):
+                raise ValueError(f"{name} must be (height, width) with sizes in 1..{MAX_SIDE}, got {size}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in self.mean + self.std):
+            raise ValueError(f"mean and std need 3 finite values each, got {self.mean}, {self.std}")
+        if min(self.std) <= 0:
+            raise ValueError(f"std values must be positive, got {self.std}")
         InterpolationMode(self.interpolation)  # fails early on an unknown name
 
     @property
@@ -55,3 +63,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
         return cls(**data)
+
+
+# Trunks trained on ToTensor() output directly ([0, 1], no mean/std), like the resmem packages'.
+UNNORMALISED = Preprocessing(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))

@@ -1,0 +1,101 @@
+"""The inference core: scorers leave the caller's model as it was; pooled and image scoring agree; precision policy."""
+
+import numpy as np
+import pytest
+import torch
+
+from resmemnet import Preprocessing, create_model
+from resmemnet.inference import Scorer, ScorerSpec, TorchScorer, eval_mode, model_on, precision_for, score_paths
+from resmemnet.runtime import choose_precision
+from tests.conftest import make_photo
+
+
+@pytest.fixture
+def model():
+    return create_model("mobilenet_v3_large", proj_dim=16, hidden_dim=8, preprocessing=Preprocessing(resize=(32, 32)))
+
+
+def _state(model: torch.nn.Module) -> dict:
+    return {"training": [m.training for m in model.modules()],
+            "devices": {p.device for p in model.parameters()},
+            "strides": [p.stride() for p in model.parameters()],
+            "params": {k: v.clone() for k, v in model.state_dict().items()}}
+
+
+def _channels_last(model: torch.nn.Module) -> bool:
+    return all(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters() if p.ndim == 4)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return (a["training"] == b["training"] and a["devices"] == b["devices"] and a["strides"] == b["strides"]
+            and all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"]))
+
+
+def test_torch_scorer_leaves_the_callers_model_as_it_was(model):
+    model.train()
+    model.freeze_backbone()  # backbone in eval, head in train: a mix that model.train(was) would not restore
+    before = _state(model)
+    scorer = TorchScorer(model, device="cpu", precision="fp32", channels_last=True)
+    images = torch.rand(3, 3, 32, 32)
+    scores = scorer(images)
+    scorer.score_pooled(torch.rand(2, sum(model.tap_channels)))
+    assert _same(before, _state(model))
+    with torch.no_grad(), eval_mode(model):
+        expected = model(images).numpy()
+    np.testing.assert_allclose(scores, expected, atol=1e-5)  # scored in eval mode, although the model trains
+    assert _same(before, _state(model))
+
+
+def test_a_scorer_on_another_device_works_on_a_copy(model):
+    before = _state(model)
+    scorer = TorchScorer(model, device="meta", precision="fp32")
+    assert {p.device.type for p in scorer.model.parameters()} == {"meta"}
+    assert _same(before, _state(model))
+    owned = TorchScorer(model, device="cpu", precision="fp32", inplace=True)  # handed over: prepared in place
+    assert owned.model is model and _channels_last(model) and _state(model)["strides"] != before["strides"]
+
+
+def test_model_on_copies_only_when_it_must(model):
+    assert model_on(model, torch.device("cpu")) is model
+    copy = model_on(model, torch.device("cpu"), memory_format=torch.channels_last)
+    assert copy is not model and _channels_last(copy) and not _channels_last(model)
+
+
+def test_score_pooled_matches_scoring_images(model):
+    scorer = TorchScorer(model, device="cpu", precision="fp32")
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad(), eval_mode(model):
+        pooled = model.pool_taps(images)
+    np.testing.assert_allclose(scorer.score_pooled(pooled), scorer(images), atol=1e-6)
+
+
+def test_a_scorer_with_a_spread_fills_score_std(model, tmp_path):
+    class Spread(Scorer):
+        gives_spread = True
+        preprocessing = model.preprocessing
+
+        def __call__(self, batch):
+            return np.full(len(batch), 0.5, np.float32)
+
+        def score_with_spread(self, batch):
+            return self(batch), np.arange(len(batch), dtype=np.float32) / 10
+
+    paths = [make_photo(tmp_path / f"{i}.png", size=(8, 8)) for i in range(3)]
+    (tmp_path / "bad.png").write_bytes(b"junk")
+    rows = [r for b in score_paths([paths[0], tmp_path / "bad.png", *paths[1:]], Spread(), batch_size=4) for r in b]
+    assert [(r.score, r.score_std) for r in rows] == [(0.5, 0.0), (None, None), (0.5, pytest.approx(0.1)),
+                                                      (0.5, pytest.approx(0.2))]
+
+
+def test_precision_for_a_device_is_the_runtime_policy():
+    assert precision_for("cpu") == choose_precision("auto", torch.device("cpu"))
+    assert precision_for("cpu", "fp32").name == "fp32" and precision_for("cpu").reason
+    with pytest.raises(ValueError, match="use --precision bf16 or fp32"):
+        precision_for("cpu", "fp16")
+
+
+def test_scorer_spec_checks_its_backend():
+    with pytest.raises(ValueError, match="needs --onnx"):
+        ScorerSpec(backend="onnxruntime")
+    with pytest.raises(ValueError, match="available: torch, onnxruntime"):
+        ScorerSpec(backend="tensorrt")
