@@ -102,3 +102,14 @@ def test_bytes_and_file_objects_are_accepted(tmp_path):
     assert load_image(buf).size == (5, 7)
     with pytest.raises(ImageLoadError, match="empty"):
         load_image(b"")
+
+
+def test_broken_links_say_what_is_wrong(tmp_path):
+    (tmp_path / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    with pytest.raises(ImageLoadError, match="dangling symbolic link"):
+        load_image(tmp_path / "dangling.jpg")
+    with pytest.raises(ImageLoadError, match="symbolic link loop"):
+        load_image(tmp_path / "loop.jpg")
+    with pytest.raises(ImageLoadError, match="file not found"):
+        load_image(tmp_path / "absent.jpg")

@@ -162,3 +162,10 @@ def test_a_full_queue_answers_503_with_retry_after(tiny_model):
     with TestClient(create_app(tiny_model, ServeSettings(max_queue=1))) as c:
         r = c.post("/v1/predict", files=_files(("a.jpg", photo_bytes(0)), ("b.jpg", photo_bytes(1))))
     assert r.status_code == 503 and r.headers["retry-after"] == "1" and "retry" in r.json()["detail"]
+
+
+def test_ranks_put_the_highest_score_first_and_ties_share_a_rank():
+    from resmemnet.serve.app import _ranks
+
+    assert _ranks([0.2, None, 0.9, 0.2, 0.5]) == [3, None, 1, 3, 2]
+    assert _ranks([None, None]) == [None, None]

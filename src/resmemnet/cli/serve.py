@@ -32,7 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                         "connection is closed (default 10)")
     p.add_argument("--max-batch", type=int, help="images per model call when requests are batched (default 16)")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 10)")
-    p.add_argument("--device", help="torch device, e.g. cpu (default) or cuda")
+    p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
 

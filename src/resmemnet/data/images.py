@@ -60,6 +60,19 @@ def default_max_pixels() -> int:
     return int(value)
 
 
+def _missing_reason(path: Path) -> str:
+    """Why a path that does not resolve to a file is missing: a broken link says so."""
+    if not path.is_symlink():
+        return "file not found"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:  # Python < 3.13 reports a loop as RuntimeError
+        return "symbolic link loop"
+    except OSError as exc:
+        return "symbolic link loop" if exc.errno == 40 else f"dangling symbolic link (to {os.readlink(path)})"
+    return "file not found"
+
+
 def load_image(source: ImageSource, *, max_pixels: int | None = None,
                min_size: tuple[int, int] | None = None) -> Image.Image:
     """Open any supported image as 8-bit RGB, or raise ImageLoadError naming the file.
@@ -73,7 +86,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None,
     if isinstance(source, (str, PathLike)):
         path = Path(source)
         if not path.exists():
-            raise ImageLoadError(name, "file not found")
+            raise ImageLoadError(name, _missing_reason(path))
         if not path.is_file():
             raise ImageLoadError(name, "not a regular file")
         if path.stat().st_size == 0:

@@ -33,6 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field
+from scipy.stats import rankdata
 
 from resmemnet import __version__
 from resmemnet.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, default_max_pixels, load_image
@@ -40,6 +41,7 @@ from resmemnet.explain import Explanation, explain
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.predict import predict
 from resmemnet.pretrained import load_model
+from resmemnet.runtime import resolve_device
 from resmemnet.serve.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from resmemnet.serve.memory import PixelBudget, release_memory
 from resmemnet.serve.middleware import BodyLimit, BodyTimeout, SecurityHeaders, security_headers
@@ -68,7 +70,7 @@ class ServeSettings:
     body_timeout_s: float = 60.0  # a request body must arrive within this, else 408
     header_timeout_s: float = 10.0  # a request head must arrive within this, else the connection closes
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
-    device: str = "cpu"
+    device: str = "auto"  # resolved by resmemnet.runtime, like predict, evaluate and explain
 
     def __post_init__(self) -> None:
         for name in ("max_files", "max_file_bytes", "max_pixels", "decode_pixels", "max_batch", "explain_batch",
@@ -171,11 +173,13 @@ def _scatter(n: int, indices: list[int], values: list[Any]) -> list[Any]:
 
 
 def _ranks(scores: list[float | None]) -> list[int | None]:
-    order = sorted((i for i, s in enumerate(scores) if s is not None), key=lambda i: -scores[i])
-    ranks: list[int | None] = [None] * len(scores)
-    for rank, i in enumerate(order, start=1):
-        ranks[i] = rank
-    return ranks
+    """1 = highest score; ties share the better rank; None where a file had no score."""
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    ranks = rankdata([-scores[i] for i in scored], method="min").astype(int).tolist() if scored else []
+    out: list[int | None] = [None] * len(scores)
+    for i, rank in zip(scored, ranks, strict=True):
+        out[i] = rank
+    return out
 
 
 def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastAPI:
@@ -184,18 +188,19 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
     The caller's model is left as it is: a copy is moved when it is on another device or in training mode.
     """
     settings = settings or ServeSettings()
-    if model.training or not _on_device(model, torch.device(settings.device)):
-        model = copy.deepcopy(model).eval().to(settings.device)
+    device = resolve_device(settings.device)
+    if model.training or not _on_device(model, device):
+        model = copy.deepcopy(model).eval().to(device)
     static = _static_files()
     budget = PixelBudget(settings.decode_pixels)
     model_lock = threading.Lock()  # Grad-CAM hooks must never see a predict batch's forward pass
     wait_s = settings.max_wait_ms / 1000
 
     def score_batch(tensors: list[torch.Tensor]) -> list[float]:
-        return predict(tensors, model, batch_size=settings.max_batch, device=settings.device).tolist()
+        return predict(tensors, model, batch_size=settings.max_batch, device=device).tolist()
 
     def explain_batch(images: list[Image.Image]) -> list[Explanation]:
-        return explain(images, model, batch_size=settings.explain_batch, device=settings.device)
+        return explain(images, model, batch_size=settings.explain_batch, device=device)
 
     # A model call's activations (0.8 GB for 16 images through ResNet-152) stay in glibc's arenas after
     # it returns; the next call reuses them, so they are handed back only once a burst is over.
