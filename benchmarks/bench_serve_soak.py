@@ -36,6 +36,7 @@ from PIL import Image
 GB = 2**30
 GROWTH_WINDOW = 10  # rounds over which RSS must not grow
 GROWTH_TOLERANCE = 64 * 2**20  # sampling noise: one PNG row buffer, allocator slack
+SETTLE_S = 2.0  # end-of-round RSS is read once the server is idle and its end-of-burst trim has run
 
 
 class RssSampler:
@@ -150,7 +151,9 @@ async def _soak(url: str, soak: Soak, sampler: RssSampler, png: bytes, small: in
             sampler.reset()
             start = time.perf_counter()
             ok = await asyncio.gather(*(_post(client, large) for _ in range(soak.clients)))
-            soak.rounds.append(Round(time.perf_counter() - start, sampler.reset(), sampler.rss(), ok.count(False)))
+            seconds = time.perf_counter() - start
+            await asyncio.sleep(SETTLE_S)
+            soak.rounds.append(Round(seconds, sampler.reset(), sampler.rss(), ok.count(False)))
             r = soak.rounds[-1]
             print(f"round {i + 1}/{soak.rounds_asked}: {r.seconds:.1f} s, peak {r.peak_rss / GB:.2f} GB, "
                   f"end {r.end_rss / GB:.2f} GB, errors {r.errors}", flush=True)
@@ -160,6 +163,7 @@ async def _soak(url: str, soak: Soak, sampler: RssSampler, png: bytes, small: in
             ok += await asyncio.gather(*(_post(client, photo) for _ in range(soak.clients)))
         soak.small_requests, soak.small_errors = len(ok), ok.count(False)
         soak.small_seconds = time.perf_counter() - start
+    await asyncio.sleep(SETTLE_S)
     soak.final_rss = sampler.rss()
 
 
@@ -171,7 +175,8 @@ def _report(soak: Soak, command: str, max_peak_gb: float) -> str:
         f"Model: {soak.model}. Each round: {soak.clients} concurrent clients, each posting {soak.files} PNGs of "
         f"{soak.side}x{soak.side} ({soak.png_bytes:,} bytes each, {soak.files * soak.png_bytes / 2**20:.1f} MB "
         f"per request) to /v1/predict; then {soak.small_requests} requests of one small JPEG. RSS of the server "
-        "process (psutil, sampled every 10 ms).", "",
+        f"process (psutil, sampled every 10 ms); end-of-round and final RSS are read {SETTLE_S:g} s after the last "
+        "response, once the server is idle.", "",
         "| figure | value |", "|---|---|",
         f"| RSS at start (model loaded) | {soak.start_rss / GB:.2f} GB |",
         f"| RSS after warm-up | {soak.warm_rss / GB:.2f} GB |",

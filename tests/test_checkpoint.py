@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 import torchvision
 from safetensors import safe_open
@@ -172,7 +173,7 @@ def nothing_is_read_or_built(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("tensors were read or a model was built before the metadata was checked")
 
-    monkeypatch.setattr(checkpoint_module, "load_file", refuse)
+    monkeypatch.setattr(safetensors.torch, "load_file", refuse)  # load_checkpoint imports it when it runs
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", refuse)
 
 

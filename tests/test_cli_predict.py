@@ -123,7 +123,8 @@ def test_links_odd_formats_and_folders_named_like_images(checkpoint, tmp_path, c
     assert sorted(rows) == ["dangling.jpg", "loop.jpg", "real.heic", "real.jpg", "really_jpeg.heic"]
     assert rows["real.jpg"].score is not None and rows["really_jpeg.heic"].score is not None
     assert "unsupported format" in rows["real.heic"].error
-    assert rows["dangling.jpg"].error == rows["loop.jpg"].error == "file not found"
+    assert rows["dangling.jpg"].error == f"dangling symbolic link (to {folder / 'gone.jpg'})"
+    assert rows["loop.jpg"].error == "symbolic link loop"
 
 
 @pytest.mark.slow

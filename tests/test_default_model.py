@@ -70,9 +70,13 @@ def test_file_was_built_by_its_config_and_command(name: str) -> None:
     assert meta["name"] == name and meta["config_file"] == config_file
     assert meta["command"] == (f"resmemnet train --config {config_file} --dataset lnsim --root "
                                f"../shared/datasets/lnsim --output runs/{name}")
-    # the shipped file was trained with exactly the config in the repository (settings that leave
-    # the result alone may differ)
-    expected = load_config(REPO / config_file).to_dict()
+    # the shipped file was trained with exactly the config in the repository, as the candidate that
+    # validation chose (settings that leave the result alone may differ)
+    config = load_config(REPO / config_file)
+    chosen = meta["chosen_candidate"]
+    assert [row["candidate"] for row in meta["candidates"]] == [c.name for c in config.candidates]
+    assert max(meta["candidates"], key=lambda row: row["val_spearman"])["candidate"] == chosen
+    expected = config.for_candidate(chosen).to_dict()
     for key in ("workers", "progress", "device"):
         expected.pop(key), meta["train_config"].pop(key)
     assert meta["train_config"] == expected

@@ -99,3 +99,60 @@ def test_scorer_spec_checks_its_backend():
         ScorerSpec(backend="onnxruntime")
     with pytest.raises(ValueError, match="available: torch, onnxruntime"):
         ScorerSpec(backend="tensorrt")
+
+
+def _tiny_onnx(path, precision: str) -> str:
+    """A stand-in ONNX model with resmemnet metadata: the mean pixel as the score."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    axes = helper.make_tensor("axes", TensorProto.INT64, [3], [1, 2, 3])
+    graph = helper.make_graph([helper.make_node("ReduceMean", ["images", "axes"], ["scores"], keepdims=0)], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+                              [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["b"])], [axes])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    meta = {"preprocessing": Preprocessing(resize=(32, 32)).to_dict(), "precision": precision}
+    model.metadata_props.add(key="resmemnet", value=json.dumps(meta))
+    onnx.save(model, path)
+    return str(path)
+
+
+@pytest.fixture
+def bundled_with_int8(model, tmp_path, monkeypatch):
+    """A bundled model registered (for this test only) with an int8 ONNX file, as the default model."""
+    from resmemnet import pretrained
+    from resmemnet.model import weights
+
+    int8 = _tiny_onnx(tmp_path / "tiny.int8.onnx", "int8")
+    monkeypatch.setitem(weights._WEIGHTS, "tiny-int8", weights.Weights(
+        name="tiny-int8", kind="model", loader=lambda: model, preprocessing=model.preprocessing, arch=model.config,
+        meta={"licence": "test", "offline": True, "file": "tiny.safetensors", "int8_onnx": int8}))
+    monkeypatch.setattr(pretrained, "DEFAULT_MODEL", "tiny-int8")
+    return int8
+
+
+def test_a_bundled_int8_model_is_used_where_the_cpu_has_vnni(bundled_with_int8, monkeypatch):
+    from resmemnet import runtime
+    from resmemnet.inference import OnnxScorer, int8_onnx_for
+
+    assert str(int8_onnx_for(None)) == bundled_with_int8 and int8_onnx_for("elsewhere.safetensors") is None
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    scorer = ScorerSpec().build()
+    assert isinstance(scorer, OnnxScorer) and scorer.precision.name == "int8"
+    images = torch.rand(2, 3, 32, 32)
+    np.testing.assert_allclose(scorer(images), images.mean(dim=(1, 2, 3)).numpy(), atol=1e-6)
+    assert precision_for("cpu", checkpoint="tiny-int8").name == "int8"
+    assert isinstance(ScorerSpec(precision="fp32").build(), TorchScorer)  # --precision still overrides
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset({"avx2"}))
+    assert isinstance(ScorerSpec().build(), TorchScorer)
+    assert isinstance(ScorerSpec(precision="int8").build(), OnnxScorer)
+
+
+def test_int8_without_an_int8_file_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="needs an int8 model; make one with `resmemnet export --format onnx --int8"):
+        ScorerSpec(checkpoint=str(tmp_path / "m.safetensors"), precision="int8").build()
+    fp32 = _tiny_onnx(tmp_path / "m.onnx", "fp32")
+    with pytest.raises(ValueError, match="is a fp32 model, not int8"):
+        ScorerSpec(backend="onnxruntime", onnx=fp32, precision="int8").build()

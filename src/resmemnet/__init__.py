@@ -1,17 +1,40 @@
-"""resmemnet: predict, explain and train image memorability models (ResMem-Net, PeerJ CS 2021)."""
+"""resmemnet: predict, explain and train image memorability models (ResMem-Net, PeerJ CS 2021).
+
+The public names load on first use (PEP 562), so `import resmemnet` (and the CLI's start-up)
+costs no torch, torchvision or Grad-CAM import until something needs them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from resmemnet.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from resmemnet.data.images import ImageLoadError, load_image
-from resmemnet.explain import Explanation, explain
-from resmemnet.model.backbones import BACKBONES, BackboneWeightsError
-from resmemnet.model.heads import HEADS
-from resmemnet.model.preprocessing import Preprocessing
-from resmemnet.model.resmemnet import ModelConfig, ResMemNet, create_model
-from resmemnet.model.weights import Weights, get_weights, list_models, list_weights
-from resmemnet.predict import predict
-from resmemnet.pretrained import load_model
+# public name -> the module that defines it
+_EXPORTS = {
+    "CheckpointError": "resmemnet.checkpoint",
+    "load_checkpoint": "resmemnet.checkpoint",
+    "read_metadata": "resmemnet.checkpoint",
+    "save_checkpoint": "resmemnet.checkpoint",
+    "ImageLoadError": "resmemnet.data.images",
+    "load_image": "resmemnet.data.images",
+    "Explanation": "resmemnet.explain",
+    "explain": "resmemnet.explain",
+    "BACKBONES": "resmemnet.model.backbones",
+    "BackboneWeightsError": "resmemnet.model.backbones",
+    "HEADS": "resmemnet.model.heads",
+    "Preprocessing": "resmemnet.model.preprocessing",
+    "ModelConfig": "resmemnet.model.resmemnet",
+    "ResMemNet": "resmemnet.model.resmemnet",
+    "create_model": "resmemnet.model.resmemnet",
+    "Weights": "resmemnet.model.weights",
+    "get_weights": "resmemnet.model.weights",
+    "list_models": "resmemnet.model.weights",
+    "list_weights": "resmemnet.model.weights",
+    "predict": "resmemnet.predict",
+    "load_model": "resmemnet.pretrained",
+}
 
 __all__ = [
     "BACKBONES",
@@ -37,3 +60,29 @@ __all__ = [
     "read_metadata",
     "save_checkpoint",
 ]
+
+if TYPE_CHECKING:
+    from resmemnet.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+    from resmemnet.data.images import ImageLoadError, load_image
+    from resmemnet.explain import Explanation, explain
+    from resmemnet.model.backbones import BACKBONES, BackboneWeightsError
+    from resmemnet.model.heads import HEADS
+    from resmemnet.model.preprocessing import Preprocessing
+    from resmemnet.model.resmemnet import ModelConfig, ResMemNet, create_model
+    from resmemnet.model.weights import Weights, get_weights, list_models, list_weights
+    from resmemnet.predict import predict
+    from resmemnet.pretrained import load_model
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access and cache the name here."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'resmemnet' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

@@ -18,17 +18,22 @@ import os
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
 from resmemnet import __version__
+from resmemnet.model.config import ModelConfig
 from resmemnet.model.preprocessing import Preprocessing
-from resmemnet.model.resmemnet import ModelConfig, ResMemNet
-from resmemnet.model.weights import trunk_weights
+
+if TYPE_CHECKING:
+    import torch
+
+    from resmemnet.model.resmemnet import ResMemNet
+
+# torch, and the model (torchvision), are imported inside the functions that build or hash tensors:
+# read_metadata needs neither, so a bad checkpoint is refused before they load.
 
 __all__ = ["FORMAT", "CheckpointError", "atomic_save_file", "load_checkpoint", "read_metadata", "save_checkpoint"]
 
@@ -57,6 +62,8 @@ class _Header(BaseModel):
 
 def weights_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
     """SHA-256 over names, dtypes, shapes and bytes, in name order, then the metadata (version 2)."""
+    import torch
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
@@ -97,6 +104,8 @@ def save_checkpoint(model: ResMemNet, path: str | Path, *, metadata: dict[str, A
 
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
     """safetensors.save_file via a temp file + rename: readers see the old file or the new one, never half."""
+    from safetensors.torch import save_file
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -126,6 +135,8 @@ def _looks_pickled(path: Path) -> bool:
 
 def _offline_trunk(config: ModelConfig, what: str) -> None:
     """A backbone rebuilt from a named source must never need a download."""
+    from resmemnet.model.weights import trunk_weights
+
     if config.backbone_weights is None:
         raise CheckpointError(f"{what} needs config.backbone_weights to rebuild the backbone")
     weights = trunk_weights(config.backbone_weights, config.backbone)
@@ -144,7 +155,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     _check_readable(path)
     try:
-        with safe_open(path, framework="pt") as f:
+        with safe_open(path, framework="numpy") as f:  # the header only; "pt" would import torch
             raw = (f.metadata() or {}).get(_META_KEY)
     except (SafetensorError, OSError) as exc:
         if _looks_pickled(path):
@@ -186,6 +197,10 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
 
 def _check_tensor_shapes(path: Path, config: ModelConfig, backbone_in_file: bool) -> None:
     """Compare the header's shapes with the declared architecture, built on the meta device (no memory)."""
+    import torch
+
+    from resmemnet.model.resmemnet import ResMemNet
+
     with torch.device("meta"):
         expected = {k: tuple(v.shape) for k, v in ResMemNet(config).state_dict().items()
                     if backbone_in_file or not k.startswith(_BACKBONE_PREFIX)}
@@ -202,6 +217,11 @@ def _check_tensor_shapes(path: Path, config: ModelConfig, backbone_in_file: bool
 
 def load_checkpoint(path: str | Path) -> ResMemNet:
     """Rebuild the exact model (architecture, preprocessing, metadata) from the file alone, on the CPU."""
+    from safetensors.torch import load_file
+
+    from resmemnet.model.resmemnet import ResMemNet
+    from resmemnet.model.weights import trunk_weights
+
     path = Path(path)
     meta = read_metadata(path)
     config, preprocessing = ModelConfig.from_dict(meta["config"]), Preprocessing.from_dict(meta["preprocessing"])

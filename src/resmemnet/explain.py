@@ -13,14 +13,11 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib.figure import Figure
 from PIL import Image
-from pytorch_grad_cam import GradCAM
-from pytorch_grad_cam.utils.image import show_cam_on_image
-from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 from tqdm import tqdm
 
 from resmemnet.data.images import ImageLoadError, load_image
@@ -30,6 +27,12 @@ from resmemnet.jobs import read_rows, scan_images
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.pretrained import load_model
 from resmemnet.runtime import resolve_device
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+# pytorch-grad-cam (which pulls in scikit-learn) and matplotlib are imported where they are used:
+# `import resmemnet` and the CLI's start-up do not pay for them.
 
 __all__ = ["ExplainInput", "ExplainJob", "Explanation", "contact_sheet", "explain", "resolve_layer", "run_explain"]
 
@@ -58,6 +61,8 @@ def resolve_layer(model: ResMemNet, layer: str | None = None) -> torch.nn.Module
 
 
 def _overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
+    from pytorch_grad_cam.utils.image import show_cam_on_image
+
     rgb = np.asarray(image, dtype=np.float32) / 255.0
     return Image.fromarray(show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=0.5))
 
@@ -98,6 +103,9 @@ def explain(inputs: ExplainInput | Sequence[ExplainInput], model: ResMemNet | st
     A given model is left as it was (mode, device, gradients); on another device a copy is explained.
     A bad image raises ImageLoadError naming it.
     """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
+
     model = model if isinstance(model, ResMemNet) else load_model(model)
     if isinstance(inputs, (str, PathLike, Image.Image)):
         inputs = [inputs]
@@ -143,6 +151,8 @@ def contact_sheet(paths: Sequence[str | PathLike[str]], scores: Sequence[float],
     `scores` are the ones already computed for `paths` (e.g. a `resmemnet predict` output); only
     the 2n shown images are explained. Titles show those scores.
     """
+    from matplotlib.figure import Figure
+
     if len(paths) != len(scores) or not paths:
         raise ValueError(f"Need one score per path and at least one image; got {len(paths)} paths, "
                          f"{len(scores)} scores")

@@ -33,7 +33,7 @@ from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.runtime import PrecisionChoice, autocast, choose_precision, resolve_device
 
 __all__ = ["BACKENDS", "ONNX_METADATA_KEY", "OnnxScorer", "Prediction", "ScoreArray", "Scorer", "ScorerSpec",
-           "TorchScorer", "eval_mode", "model_on", "precision_for", "score_paths"]
+           "TorchScorer", "eval_mode", "int8_onnx_for", "model_on", "precision_for", "score_paths"]
 
 ScoreArray = npt.NDArray[np.float32]  # (B,) scores in [0, 1]
 BACKENDS = ("torch", "onnxruntime")
@@ -50,9 +50,25 @@ class Prediction:
     score_std: float | None = None
 
 
-def precision_for(device: str | torch.device = "auto", requested: str = "auto") -> PrecisionChoice:
-    """The precision a TorchScorer on `device` would use, and why (for `resmemnet info`)."""
-    return choose_precision(requested, resolve_device(device))
+def precision_for(device: str | torch.device = "auto", requested: str = "auto", *,
+                  checkpoint: str | PathLike[str] | None = None) -> PrecisionChoice:
+    """The precision a job for `checkpoint` on `device` would use, and why (for `resmemnet info`)."""
+    return choose_precision(requested, resolve_device(device), int8=int8_onnx_for(checkpoint) is not None)
+
+
+def int8_onnx_for(checkpoint: str | PathLike[str] | None) -> Path | None:
+    """The int8 ONNX file a bundled model registers (`meta["int8_onnx"]`, beside its weights), if any.
+
+    Only bundled models have one: a checkpoint path names no int8 file, so it runs in torch.
+    """
+    from resmemnet.model.weights import get_weights, list_models  # the registry is only needed here
+    from resmemnet.pretrained import DEFAULT_MODEL, bundled_file
+
+    name = DEFAULT_MODEL if checkpoint is None else str(checkpoint)
+    if name not in list_models():
+        return None
+    file = get_weights(name).meta.get("int8_onnx")
+    return bundled_file(name).parent / file if file else None
 
 
 @contextlib.contextmanager
@@ -169,6 +185,8 @@ class OnnxScorer(Scorer):
                              "so its preprocessing is unknown; re-export it from the checkpoint")
         self.metadata = json.loads(meta[ONNX_METADATA_KEY])
         self.preprocessing = Preprocessing.from_dict(self.metadata["preprocessing"])
+        name = self.metadata.get("precision", "fp32")
+        self.precision = PrecisionChoice(name, f"stored in {path.name}")
 
     def __call__(self, batch: torch.Tensor) -> ScoreArray:
         return self.session.run(["scores"], {"images": batch.float().cpu().numpy()})[0].astype(np.float32)
@@ -194,9 +212,17 @@ class ScorerSpec:
                              "--format onnx --output MODEL.onnx`)")
 
     def build(self, *, local_rank: int = 0) -> Scorer:
+        """The scorer; with backend torch, a bundled model's int8 ONNX file when the precision policy picks int8."""
         device = resolve_device(self.device, local_rank=local_rank)
         if self.backend == "onnxruntime":
-            return OnnxScorer(self.onnx, device=device)
+            scorer = OnnxScorer(self.onnx, device=device)
+            if self.precision not in ("auto", scorer.precision.name):
+                raise ValueError(f"{self.onnx} is a {scorer.precision.name} model, not {self.precision}; drop "
+                                 "--precision or pass the matching --onnx file")
+            return scorer
+        int8_file = int8_onnx_for(self.checkpoint)
+        if choose_precision(self.precision, device, int8=int8_file is not None).name == "int8":
+            return OnnxScorer(int8_file, device=device)
         from resmemnet.pretrained import load_model  # loading needs the weights registry, scoring does not
 
         return TorchScorer(load_model(self.checkpoint), device=device, precision=self.precision,

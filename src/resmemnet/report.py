@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
 
 from resmemnet.data.images import ImageLoadError, load_image
 from resmemnet.fileio import atomic_write
@@ -28,6 +27,8 @@ def _pm(stat: dict[str, float] | None, digits: int = 3) -> str:
 
 
 def _scatter(split: dict[str, Any], path: Path) -> None:
+    from matplotlib.figure import Figure  # here, so `resmemnet evaluate` without --report never loads matplotlib
+
     predicted = np.asarray([row["predicted"] for row in split["predictions"]])
     true = np.asarray([row["true"] for row in split["predictions"]])
     fig = Figure(figsize=(5.5, 5), dpi=120, layout="constrained")
@@ -49,6 +50,8 @@ def _scatter(split: dict[str, Any], path: Path) -> None:
 
 
 def _gallery(rows: list[dict[str, Any]], title: str, path: Path) -> None:
+    from matplotlib.figure import Figure
+
     columns = 4
     lines = max(1, -(-len(rows) // columns))
     fig = Figure(figsize=(2.4 * columns, 2.6 * lines + 0.4), dpi=100, layout="constrained")

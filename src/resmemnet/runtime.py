@@ -6,6 +6,10 @@ it emulates bf16, and an emulated bf16 run is about twice as slow as fp32 (measu
 Xeon with AVX-512 VNNI and no bf16). So a CPU gets bf16 only with `avx512_bf16` or `amx_bf16`, a
 GPU gets fp16, and everything else fp32. `PrecisionChoice.reason` says which rule applied, so
 `resmemnet info` can tell a user why.
+
+int8 comes first on a CPU with 8-bit dot-product instructions (`avx512_vnni`, `avx_vnni`, `amx_int8`),
+but only where an int8 model exists (an ONNX file from `resmemnet export --int8`): int8 is a
+different model file, run by ONNX Runtime, not an autocast dtype.
 """
 
 from __future__ import annotations
@@ -18,11 +22,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PRECISIONS", "PrecisionChoice", "autocast", "choose_precision", "cpu_flags", "resolve_device"]
+__all__ = ["INT8_FLAGS", "PRECISIONS", "PrecisionChoice", "autocast", "choose_precision", "cpu_flags", "resolve_device"]
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": None}
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+INT8_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")  # 8-bit dot products, which ONNX Runtime's int8 kernels use
+MAKE_INT8 = ("`resmemnet export --format onnx --int8 --calibrate PHOTOS/ --output model.int8.onnx`, then pass "
+             "`--backend onnxruntime --onnx model.int8.onnx`")
 
 
 @functools.cache
@@ -66,24 +73,33 @@ class PrecisionChoice:
         return _DTYPES[self.name]
 
 
-def choose_precision(requested: str = "auto", device: torch.device | str = "cpu") -> PrecisionChoice:
-    """`auto` -> fp16 on a GPU, bf16 on a CPU that computes it natively, else fp32; others are checked."""
+def choose_precision(requested: str = "auto", device: torch.device | str = "cpu", *,
+                     int8: bool = False) -> PrecisionChoice:
+    """`auto` -> int8 on a VNNI/AMX CPU when `int8` (an int8 model exists), fp16 on a GPU, bf16 on a CPU that
+    computes it natively, else fp32; a requested precision is checked against the device and the model."""
     if requested not in PRECISIONS:
         raise ValueError(f"Unknown precision {requested!r}; available: {', '.join(PRECISIONS)}")
     device = torch.device(device)
     if requested != "auto":
         if requested == "fp16" and device.type == "cpu":
             raise ValueError("fp16 autocast is for GPUs; on a CPU use --precision bf16 or fp32")
+        if requested == "int8" and not int8:
+            raise ValueError(f"--precision int8 needs an int8 model; make one with {MAKE_INT8}")
         return PrecisionChoice(requested, "requested")
     if device.type == "cuda":
         return PrecisionChoice("fp16", "GPU: fp16 autocast")
     if device.type != "cpu":
         return PrecisionChoice("fp32", f"{device.type}: fp32")
+    vnni = sorted(set(INT8_FLAGS) & cpu_flags())
+    if int8 and vnni:
+        return PrecisionChoice("int8", f"CPU has 8-bit dot products ({', '.join(vnni)}) and the model has an "
+                                       "int8 ONNX file")
     native = sorted(set(NATIVE_BF16_FLAGS) & cpu_flags())
+    unused = f"; int8 model unused: no {'/'.join(INT8_FLAGS)} flag" if int8 else ""
     if native:
-        return PrecisionChoice("bf16", f"CPU computes bf16 natively ({', '.join(native)})")
+        return PrecisionChoice("bf16", f"CPU computes bf16 natively ({', '.join(native)}){unused}")
     return PrecisionChoice("fp32", f"CPU ({platform.machine()}) has no native bf16 (no avx512_bf16/amx_bf16 flag): "
-                                   "bf16 would be emulated and slower than fp32")
+                                   f"bf16 would be emulated and slower than fp32{unused}")
 
 
 def autocast(device: torch.device, precision: PrecisionChoice) -> contextlib.AbstractContextManager:

@@ -1,3 +1,4 @@
+import copy
 from pathlib import Path
 from urllib.error import URLError
 
@@ -6,7 +7,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from resmemnet.model.backbones import BACKBONES, BackboneWeightsError, create_backbone
+from resmemnet.model.backbones import BACKBONES, Backbone, BackboneWeightsError, create_backbone
 from resmemnet.model.resmemnet import create_model
 from resmemnet.model.weights import file_weights
 
@@ -18,16 +19,49 @@ def test_registry_holds_the_papers_backbone_and_its_future_work():
     assert set(BACKBONES.names()) == set(EXPECTED_TAPS)
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED_TAPS))
-def test_every_block_is_tapped_in_depth_order(name):
-    bb = create_backbone(name).eval()
+@pytest.fixture(scope="module", params=sorted(EXPECTED_TAPS))
+def backbone(request) -> Backbone:
+    return create_backbone(request.param).eval()
+
+
+def test_every_block_is_tapped_in_depth_order(backbone):
     with torch.no_grad():
-        taps = bb(torch.randn(1, 3, 64, 64))
-    assert len(taps) == EXPECTED_TAPS[name] == len(bb.tap_channels)
-    assert [t.shape[1] for t in taps] == bb.tap_channels
+        taps = backbone(torch.randn(1, 3, 64, 64))
+    assert len(taps) == EXPECTED_TAPS[backbone.name] == len(backbone.tap_channels)
+    assert [t.shape[1] for t in taps] == backbone.tap_channels
     sides = [t.shape[-1] for t in taps]
     assert sides == sorted(sides, reverse=True)  # resolution only shrinks with depth
-    assert bb.net.get_submodule(bb.cam_layer) is not None
+    assert backbone.taps[-1] == backbone.cam_layer
+
+
+def test_each_tapped_block_runs_as_a_module_under_its_torchvision_name(backbone):
+    # Forward hooks (Grad-CAM's) fire only if the traced graph calls the block, not its inlined layers.
+    seen: list[tuple[str, torch.Tensor]] = []
+    hooks = [backbone.net.get_submodule(tap).register_forward_hook(
+        lambda module, args, out, tap=tap: seen.append((tap, out))) for tap in backbone.taps]
+    try:
+        with torch.no_grad():
+            taps = backbone(torch.randn(1, 3, 64, 64))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert [tap for tap, _ in seen] == backbone.taps
+    assert all(out is tap for (_, out), tap in zip(seen, taps, strict=True))
+
+
+def test_state_dict_keys_are_torchvisions_without_the_classifier(backbone):
+    reference = torchvision.models.get_model(backbone.name).state_dict()
+    assert set(backbone.net.state_dict()) == {k for k in reference if not k.startswith(("fc.", "classifier."))}
+
+
+def test_a_copy_in_training_mode_computes_the_same_taps():
+    # model_on() deep-copies models to move them; training mode runs the extractor's train graph.
+    bb = create_backbone("mobilenet_v3_large").train()
+    twin = copy.deepcopy(bb)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(bb(x), twin(x), strict=True))
+    assert twin.net.get_submodule(twin.cam_layer) is not bb.net.get_submodule(bb.cam_layer)
 
 
 def test_offline_download_fails_fast_with_what_to_do(monkeypatch):
@@ -66,7 +100,7 @@ def test_backbone_weights_load_from_a_local_file(tmp_path, suffix):
         torch.save(state, path)
     bb = create_model("resnet50", weights=path).backbone
     assert torch.equal(bb.net.conv1.weight, reference.conv1.weight)
-    assert torch.equal(bb.net.layer4[2].conv3.weight, reference.layer4[2].conv3.weight)
+    assert torch.equal(bb.net.get_parameter("layer4.2.conv3.weight"), reference.layer4[2].conv3.weight)
 
 
 def test_local_weights_that_do_not_fit_are_named(tmp_path):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import platform
 import subprocess
 import sys
 import threading
@@ -41,6 +42,33 @@ def test_pixel_budget_makes_decoding_wait_for_free_pixels():
 def test_release_memory_is_safe_to_call_anywhere():
     release_memory()  # glibc malloc_trim on Linux, a no-op elsewhere; it must never raise
     release_memory()
+
+
+_ALLOCATOR_PROBE = """
+import numpy as np, psutil
+from resmemnet.serve.memory import MMAP_THRESHOLD, tune_allocator
+assert tune_allocator()
+large = np.ones(20 * 2**20 // 8)
+del large  # untuned, freeing this raises glibc's mmap threshold to 20 MB, and 2 MiB buffers stay
+process = psutil.Process()
+size = 2 * MMAP_THRESHOLD
+before = process.memory_info().rss
+chunks = [np.ones(size // 8) for _ in range(64)]  # 128 MiB in 2 MiB buffers
+pinned = np.ones(size // 8)  # on a heap it would sit above the chunks and stop the heap shrinking
+held = process.memory_info().rss
+del chunks
+after = process.memory_info().rss
+assert held - before >= 100 * 2**20, "the buffers were never touched"
+assert after - before <= 32 * 2**20, f"{(after - before) / 2**20:.0f} MiB kept after the buffers were freed"
+assert pinned.sum() == size // 8
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_tuned_allocator_returns_freed_buffers_even_below_a_live_one():
+    # A fresh interpreter: the allocator's state is process-wide, and earlier tests' threads would blur RSS.
+    proc = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 def test_create_app_leaves_the_callers_model_alone(tiny_model):

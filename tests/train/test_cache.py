@@ -43,7 +43,7 @@ def test_cache_is_reused_and_keyed_by_what_changes_features(model, tiny_split, t
     other_head = create_model("mobilenet_v3_large", head="last", proj_dim=16, preprocessing=model.preprocessing)
     assert cache_key(other_head, ds, 1, "float16") == key  # same trunk, same features
     with torch.no_grad():
-        model.backbone.net.features[1].block[0][0].weight.add_(1.0)  # different backbone weights
+        model.backbone.net.get_parameter("features.1.block.0.0.weight").add_(1.0)  # different backbone weights
     assert cache_key(model, ds, 1, "float16") != key
     model.preprocessing = Preprocessing(resize=(40, 40))
     assert cache_key(model, ds, 1, "float16") != key

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from resmemnet.checkpoint import read_metadata
 from resmemnet.train.crossval import run_crossval
 from tests.train.conftest import tiny_config
 
@@ -25,6 +26,18 @@ def test_crossval_table_has_every_split_and_baseline(syn_root, tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "cv" / "results.csv")))) == 6
     assert json.loads((tmp_path / "cv" / "results.json").read_text())["splits"] == [0, 1]
     assert (tmp_path / "cv" / "split1" / "last" / "best.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_crossval_chooses_a_candidate_on_each_split(syn_root, tmp_path):
+    config = tiny_config(ONE_FROZEN_EPOCH, 'candidates=[{name="a"}, {name="b", set=["phases.0.lr_max=1e-1"]}]')
+    result = run_crossval(config, "synthetic", syn_root, tmp_path / "cv", splits=[0], methods=["resmemnet"], n=32)
+    run = tmp_path / "cv" / "split0" / "resmemnet"
+    chosen = read_metadata(run / "best.safetensors")
+    val = {name: json.loads((run / "candidates" / name / "metrics.json").read_text())["best_val_spearman"]
+           for name in ("a", "b")}
+    assert chosen["chosen_candidate"] == max(val, key=val.get)
+    assert result.rows[0]["spearman"] == chosen["test"]["spearman"]
 
 
 def test_crossval_rejects_unknown_methods(tmp_path):

@@ -1,4 +1,9 @@
-"""The `resmemnet` command: a thin adapter over the library, one module per subcommand."""
+"""The `resmemnet` command: a thin adapter over the library, one module per subcommand.
+
+Only the subcommand being run is imported (the others get a parser stub for `--help`), so
+`resmemnet --version` and a bad argument answer in a fraction of a second rather than after
+torch, torchvision and Grad-CAM have loaded.
+"""
 
 from __future__ import annotations
 
@@ -10,20 +15,39 @@ from collections.abc import Sequence
 
 from resmemnet import __version__
 
-# Each module defines add_parser(subparsers), whose parser sets `func(args) -> exit code`.
-COMMANDS = ("info", "serve", "train", "dataset", "evaluate", "predict", "explain", "export")
+# name -> help. Each module defines add_parser(subparsers), whose parser sets `func(args) -> exit code`.
+COMMANDS = {
+    "info": "describe the architecture or a checkpoint, or list bundled models and weights",
+    "serve": "serve the web page and REST API (needs the 'serve' extra)",
+    "train": "train a model (the paper's recipe by default) or cross-validate it",
+    "dataset": "describe a memorability dataset folder",
+    "evaluate": "evaluate a model on a memorability dataset (one split or all)",
+    "predict": "score images (files, folders, globs) for memorability",
+    "explain": "Grad-CAM heatmaps of what makes images memorable",
+    "export": "export a checkpoint for other runtimes (ONNX)",
+}
 # What a user can cause and fix: printed as one line, exit code 2. OSError covers unreadable and unwritable files.
 USER_ERRORS = (ValueError, OSError, RuntimeError)
 EXIT_INTERNAL = 70  # EX_SOFTWARE (sysexits.h): anything else is a bug in resmemnet
 DEBUG_ENV = "RESMEMNET_DEBUG"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser of the subcommand named in `argv` (default: sys.argv), stubs for the others.
+
+    The top-level parser takes no option with a value, so the first word that is not an option is
+    the subcommand; `argv=None` and no subcommand named give the stubs only (top-level --help).
+    """
+    words = sys.argv[1:] if argv is None else argv
+    chosen = next((w for w in words if not w.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="resmemnet", description="Predict, explain and train image memorability.")
     parser.add_argument("--version", action="version", version=f"resmemnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"resmemnet.cli.{name}").add_parser(sub)
+    for name, help_text in COMMANDS.items():
+        if name == chosen:
+            importlib.import_module(f"resmemnet.cli.{name}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
@@ -32,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     RESMEMNET_DEBUG=1 lets any exception through with its traceback.
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except Exception as exc:

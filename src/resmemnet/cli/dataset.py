@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from resmemnet.cli import COMMANDS
 from resmemnet.data import DATASET_NAMES, describe_dataset
 
 
@@ -28,7 +29,7 @@ def dataset_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("dataset", help="describe a memorability dataset folder")
+    p = sub.add_parser("dataset", help=COMMANDS["dataset"])
     add_dataset_arguments(p)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=run)

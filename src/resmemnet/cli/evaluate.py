@@ -6,17 +6,15 @@ import argparse
 import json
 import sys
 
+from resmemnet.cli import COMMANDS
 from resmemnet.cli.dataset import add_dataset_arguments, dataset_options
-from resmemnet.evaluate import evaluate_splits
 from resmemnet.inference import ScorerSpec
 from resmemnet.jobs import ScoringJob, default_workers
-from resmemnet.pretrained import load_model, resolve_checkpoint
-from resmemnet.report import summary_lines, write_report
 from resmemnet.runtime import PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="evaluate a model on a memorability dataset (one split or all)")
+    p = sub.add_parser("evaluate", help=COMMANDS["evaluate"])
     add_dataset_arguments(p)
     p.add_argument("--checkpoint", help="checkpoint path or bundled model name (default: the bundled default)")
     p.add_argument("--split", type=int, action="append",
@@ -39,6 +37,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resmemnet.evaluate import evaluate_splits
+    from resmemnet.pretrained import load_model, resolve_checkpoint
+    from resmemnet.report import summary_lines, write_report  # matplotlib
+
     checkpoint = resolve_checkpoint(args.checkpoint)
     model = load_model(checkpoint)
     result = evaluate_splits(model, args.dataset, args.root, splits=args.split, max_splits=args.max_splits,

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import argparse
 
+from resmemnet.cli import COMMANDS
 from resmemnet.cli.predict import add_model_arguments
 from resmemnet.explain import ExplainJob, run_explain
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="Grad-CAM heatmaps of what makes images memorable")
+    p = sub.add_parser("explain", help=COMMANDS["explain"])
     p.add_argument("paths", nargs="*", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--recursive", action="store_true", help="look in subfolders")
     p.add_argument("--output-dir", "-o", help="write NAME.cam.png, NAME.json (and NAME.npy) here")

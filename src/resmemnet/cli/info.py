@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from resmemnet.checkpoint import read_metadata
-from resmemnet.model.resmemnet import create_model
-from resmemnet.model.weights import get_weights, list_models, list_weights
-from resmemnet.pretrained import DEFAULT_MODEL, load_model, resolve_checkpoint
+from resmemnet.cli import COMMANDS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("info", help="describe the architecture or a checkpoint, or list bundled models and weights")
+    p = sub.add_parser("info", help=COMMANDS["info"])
     p.add_argument("--checkpoint", help="checkpoint path or bundled model name (default: the bundled default "
                                         "model if installed, else the default architecture, untrained)")
     p.add_argument("--backbone", help="describe this architecture instead (untrained)")
@@ -23,6 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _catalogue() -> dict[str, list[dict[str, object]]]:
+    from resmemnet.model.weights import get_weights, list_models, list_weights
+
     def entry(name: str) -> dict[str, object]:
         weights = get_weights(name)
         arch = weights.arch.to_dict() if hasattr(weights.arch, "to_dict") else weights.arch
@@ -32,6 +32,8 @@ def _catalogue() -> dict[str, list[dict[str, object]]]:
 
 
 def _print_catalogue(catalogue: dict[str, list[dict[str, object]]]) -> None:
+    from resmemnet.pretrained import DEFAULT_MODEL
+
     for title, key in (("Bundled models (resmemnet predict --checkpoint NAME)", "models"),
                        ("Backbone weights (create_model(..., weights=NAME))", "weights")):
         print(f"{title}:")
@@ -43,6 +45,15 @@ def _print_catalogue(catalogue: dict[str, list[dict[str, object]]]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resmemnet.checkpoint import read_metadata
+
+    if args.checkpoint and args.checkpoint.endswith(".safetensors") and Path(args.checkpoint).is_file():
+        read_metadata(args.checkpoint)  # a damaged or hostile file fails in milliseconds, before torch loads
+    # Imported here, not at the top, so `resmemnet --version` and bad arguments answer at once.
+    from resmemnet.inference import precision_for
+    from resmemnet.model.resmemnet import create_model
+    from resmemnet.pretrained import DEFAULT_MODEL, load_model, resolve_checkpoint
+
     if args.list:
         if args.json:
             print(json.dumps(_catalogue(), indent=2))
@@ -57,11 +68,13 @@ def run(args: argparse.Namespace) -> int:
         metadata = read_metadata(path)  # checked before anything is built
         model = load_model(args.checkpoint)  # a bundled name also checks the file against its registration
         info = {**model.describe(), "checkpoint": str(path), "metadata": metadata}
+    choice = precision_for("auto", checkpoint=args.checkpoint if info["checkpoint"] else "")  # "": no bundled model
+    info["precision"] = {"name": choice.name, "reason": choice.reason}  # what `predict` would use on this machine
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key not in ("tap_names", "tap_channels", "config", "metadata"):
+        if key not in ("tap_names", "tap_channels", "config", "metadata", "precision"):
             print(f"{key:>14}: {value}")
     nested = []
     for key, value in (info.get("metadata") or {}).items():
@@ -71,4 +84,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"{key:>14}: {value}")
     if nested:
         print(f"{'more':>14}: {', '.join(nested)} (resmemnet info --json)")
+    print(f"{'precision':>14}: {choice.name} ({choice.reason})")
     return 0

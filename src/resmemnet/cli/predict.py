@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 
+from resmemnet.cli import COMMANDS
 from resmemnet.inference import BACKENDS, ScorerSpec
 from resmemnet.jobs import ScoringJob, default_workers, run_scoring
 from resmemnet.runtime import PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("predict", help="score images (files, folders, globs) for memorability")
+    p = sub.add_parser("predict", help=COMMANDS["predict"])
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders or glob patterns")
     p.add_argument("--recursive", action="store_true", help="look in subfolders (and let ** match in globs)")
     p.add_argument("--output", "-o", help="write rows to this .csv, .jsonl or .json file (default: a table on stdout)")

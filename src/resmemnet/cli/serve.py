@@ -7,13 +7,12 @@ import json
 import os
 from dataclasses import asdict
 
-from resmemnet.checkpoint import read_metadata
+from resmemnet.cli import COMMANDS
 from resmemnet.data.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
-from resmemnet.pretrained import load_model, resolve_checkpoint
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="serve the web page and REST API (needs the 'serve' extra)")
+    p = sub.add_parser("serve", help=COMMANDS["serve"])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                        "only; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
@@ -30,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                       "(default 60)")
     p.add_argument("--header-timeout", type=float, help="seconds a request head may take to arrive, else the "
                                                         "connection is closed (default 10)")
-    p.add_argument("--max-batch", type=int, help="images per model call when requests are batched (default 16)")
+    p.add_argument("--max-batch", type=int, help="images per model call when requests are batched (default 8)")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 10)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(func=run)
@@ -44,6 +43,9 @@ def run(args: argparse.Namespace) -> int:
         from resmemnet.serve.protocol import with_header_timeout
     except ImportError as exc:
         raise RuntimeError(f"{exc.name} is missing; install the server with: pip install 'resmemnet[serve]'") from exc
+    from resmemnet.checkpoint import read_metadata
+    from resmemnet.pretrained import load_model, resolve_checkpoint
+
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     given = {"max_files": args.max_files, "max_pixels": args.max_pixels, "decode_pixels": args.decode_pixels,

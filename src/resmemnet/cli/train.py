@@ -10,14 +10,12 @@ import argparse
 import os
 import shlex
 
-from resmemnet.data import load_split, num_splits
-from resmemnet.train.config import load_config
+from resmemnet.cli import COMMANDS
 from resmemnet.train.crossval import METHODS, run_crossval
-from resmemnet.train.loop import train
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model (the paper's recipe by default) or cross-validate it",
+    p = sub.add_parser("train", help=COMMANDS["train"],
                        description="Values apply in order: TrainConfig defaults, --config FILE, --set KEY=VALUE. "
                                    "Bundled models: --config configs/resmemnet-lnsim-r152.toml --dataset lnsim.")
     p.add_argument("--config", help="TOML config file, e.g. configs/paper.toml")
@@ -53,6 +51,10 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resmemnet.data import load_split, num_splits
+    from resmemnet.train.config import load_config
+    from resmemnet.train.loop import train
+
     config = load_config(args.config, args.overrides)
     if args.all_splits:
         if args.splits is not None and args.splits < 1:
@@ -74,4 +76,7 @@ def run(args: argparse.Namespace) -> int:
         extra = f"; vs half-2 of every subject split {every['mean']:.4f} +- {every['std']:.4f}" if every else ""
         print(f"best epoch {result.best_epoch}: val rho {result.best_val_spearman:.4f}; test rho "
               f"{test['spearman']:.4f} (n={test['n']}){extra}; best checkpoint {result.best_checkpoint}")
+        if result.chosen_candidate:
+            print(f"chosen by validation rho: candidate {result.chosen_candidate!r} of {len(config.candidates)} "
+                  f"(table: {result.run_dir / 'candidates.md'})")
     return 0

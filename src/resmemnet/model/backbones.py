@@ -1,8 +1,12 @@
 """Backbones: torchvision trunks that return the output of every block, in depth order.
 
-Each builder wraps a torchvision model and names its tap points (every residual block for
-ResNets, every inverted-residual / MBConv block for the mobile nets). Classifier layers are
-dropped so that no parameter goes unused (DistributedDataParallel rejects unused ones).
+Each builder names a torchvision model's tap points (every residual block for ResNets, every
+inverted-residual / MBConv block for the mobile nets) and torchvision's feature extractor
+(`create_feature_extractor`, torch.fx) rewrites the model to return exactly those outputs. The
+tapped blocks stay leaf modules of the traced graph: each is still called as a module under its
+torchvision name (`layer4.2`), so forward hooks (Grad-CAM) fire on it and state dicts load unchanged.
+Everything after the last tap (pooling, classifier) is pruned from the graph, so no parameter goes
+unused (DistributedDataParallel rejects unused ones).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torchvision
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from resmemnet.model.registry import Registry
 
@@ -25,28 +30,25 @@ class BackboneWeightsError(RuntimeError):
 
 
 class Backbone(nn.Module):
-    """A torchvision trunk run stem-first, collecting each tapped block's output.
+    """A torchvision trunk traced to return each tapped block's output, in depth order.
 
-    `net` keeps torchvision's module names so that torchvision state dicts load unchanged.
+    `net` keeps torchvision's module names (reach a block by `net.get_submodule("layer4.2")`; the
+    traced graph holds plain modules where torchvision had containers, so `net.layer4[2]` fails).
     """
 
-    def __init__(self, name: str, net: nn.Module, stem: list[str], taps: list[str], cam_layer: str):
+    def __init__(self, name: str, net: nn.Module, taps: list[str], cam_layer: str):
         super().__init__()
         self.name = name
-        self.net = net
-        self.stem = list(stem)
         self.taps = list(taps)
+        # Every tapped block's class is a leaf: traced as one call, not inlined into its layers.
+        blocks = list(dict.fromkeys(type(net.get_submodule(tap)) for tap in self.taps))
+        self.net = create_feature_extractor(net, return_nodes=self.taps, tracer_kwargs={"leaf_modules": blocks})
         self.cam_layer = cam_layer
         self.tap_channels = self._probe_channels()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        for name in self.stem:
-            x = self.net.get_submodule(name)(x)
-        outputs = []
-        for name in self.taps:
-            x = self.net.get_submodule(name)(x)
-            outputs.append(x)
-        return outputs
+        outputs = self.net(x)
+        return [outputs[tap] for tap in self.taps]
 
     def load_trunk(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         """Load a torchvision state dict; classifier weights may be present or absent, nothing else may differ."""
@@ -81,10 +83,8 @@ _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
 def _resnet(arch: str, blocks: tuple[int, ...]) -> Callable[..., Backbone]:
     def build() -> Backbone:
         net = torchvision.models.get_model(arch, weights=None)
-        net.fc = nn.Identity()
-        net.avgpool = nn.Identity()
         taps = [f"layer{stage + 1}.{i}" for stage, n in enumerate(blocks) for i in range(n)]
-        return Backbone(arch, net, ["conv1", "bn1", "relu", "maxpool"], taps, cam_layer=taps[-1])
+        return Backbone(arch, net, taps, cam_layer=taps[-1])
 
     return build
 
@@ -92,10 +92,8 @@ def _resnet(arch: str, blocks: tuple[int, ...]) -> Callable[..., Backbone]:
 def _sequential_features(arch: str, tap_indices: Callable[[nn.Sequential], list[str]]) -> Callable[..., Backbone]:
     def build() -> Backbone:
         net = torchvision.models.get_model(arch, weights=None)
-        net.classifier = nn.Identity()
-        net.avgpool = nn.Identity()
         taps = tap_indices(net.features)
-        return Backbone(arch, net, ["features.0"], taps, cam_layer=taps[-1])
+        return Backbone(arch, net, taps, cam_layer=taps[-1])
 
     return build
 

@@ -1,19 +1,25 @@
-"""Preprocessing travels with the weights: one dataclass, carried by every weights object and checkpoint."""
+"""Preprocessing travels with the weights: one dataclass, carried by every weights object and checkpoint.
+
+It imports no torch or torchvision until `transforms()` is called, so a checkpoint's metadata is
+checked without them.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from torchvision.transforms import InterpolationMode, v2
+if TYPE_CHECKING:
+    from torchvision.transforms import v2
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "MAX_SIDE", "UNNORMALISED", "Preprocessing"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "INTERPOLATIONS", "MAX_SIDE", "UNNORMALISED", "Preprocessing"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_SIDE = 4096  # a checkpoint asking for larger inputs is damaged or hostile, not a real model
+# The values of torchvision's InterpolationMode (tests/model check they still match).
+INTERPOLATIONS = ("nearest", "nearest-exact", "bilinear", "bicubic", "box", "hamming", "lanczos")
 
 
 @dataclass(frozen=True)
@@ -43,7 +49,9 @@ class Preprocessing:
             raise ValueError(f"mean and std need 3 finite values each, got {self.mean}, {self.std}")
         if min(self.std) <= 0:
             raise ValueError(f"std values must be positive, got {self.std}")
-        InterpolationMode(self.interpolation)  # fails early on an unknown name
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"{self.interpolation!r} is not a valid InterpolationMode; "
+                             f"choose from {', '.join(INTERPOLATIONS)}")
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -51,6 +59,9 @@ class Preprocessing:
 
     def transforms(self) -> v2.Compose:
         """PIL image -> normalised float tensor (3, H, W), for inference and evaluation."""
+        import torch
+        from torchvision.transforms import InterpolationMode, v2
+
         steps: list[Any] = [v2.Resize(self.resize, InterpolationMode(self.interpolation), antialias=True)]
         if self.crop is not None:
             steps.append(v2.CenterCrop(self.crop))

@@ -7,67 +7,19 @@ image -> backbone blocks A_1..A_n -> GAP -> 1x1 conv (proj_dim) -> LayerNorm -> 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from resmemnet.model.backbones import BACKBONES, create_backbone
-from resmemnet.model.heads import HEADS, create_head
+from resmemnet.model.backbones import create_backbone
+from resmemnet.model.config import MAX_DIM, ModelConfig
+from resmemnet.model.heads import create_head
 from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.weights import Weights, file_weights, list_weights, trunk_weights
 
-__all__ = ["MAX_DIM", "ModelConfig", "ResMemNet", "create_model"]
-
-OUTPUTS = ("sigmoid", "identity")
-MAX_DIM = 4096  # proj_dim / hidden_dim above this are damaged or hostile configs, not models
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Everything needed to rebuild the architecture; stored in every checkpoint.
-
-    `output="sigmoid"` squashes the head's value into (0, 1): memorability is a hit rate, and a
-    bounded output can never report an impossible score. Human scores sit well inside the range
-    (LaMem 0.2-1.0), away from the flat tails, so the squash costs no gradient where it matters.
-    """
-
-    backbone: str = "resnet50"
-    head: str = "lstm"
-    proj_dim: int = 128
-    hidden_dim: int = 128
-    dropout: float = 0.2
-    peephole: bool = False
-    output: str = "sigmoid"
-    backbone_weights: str | None = None
-
-    def __post_init__(self) -> None:
-        BACKBONES.get(self.backbone)  # unknown names fail here, listing the choices
-        HEADS.get(self.head)
-        if self.output not in OUTPUTS:
-            raise ValueError(f"Unknown output {self.output!r}; available: {', '.join(OUTPUTS)}")
-        if self.peephole and self.head != "lstm":
-            raise ValueError(f"peephole=True needs head='lstm', not {self.head!r}")
-        for name in ("proj_dim", "hidden_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
-                raise ValueError(f"{name} must be an integer in 1..{MAX_DIM}, got {value!r}")
-        if self.backbone_weights is not None:
-            trunk_weights(self.backbone_weights, self.backbone)  # unknown or unfitting names fail, listing choices
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"Unknown model config keys: {sorted(unknown)}")
-        return cls(**data)
+__all__ = ["MAX_DIM", "ModelConfig", "ResMemNet", "create_model"]  # ModelConfig lives in model/config.py
 
 
 class TapProjection(nn.Module):

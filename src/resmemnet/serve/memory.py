@@ -2,7 +2,9 @@
 
 A 6000x6000 PNG is 105 kB on the wire but 108 MB once decoded, so upload size limits alone do not
 bound memory: decoding takes pixels from a budget shared by all requests. glibc keeps freed memory
-in its per-thread arenas, so after a large decode the server hands it back to the system.
+in its per-thread arenas, so the server caps the arenas and has every large buffer (decoded
+images, activations) mmapped, which returns it to the system when freed, and trims the heap
+after bursts.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["PixelBudget", "release_memory"]
+__all__ = ["MMAP_THRESHOLD", "PixelBudget", "release_memory", "tune_allocator"]
+
+# glibc mallopt parameters (malloc.h)
+_M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
+MMAP_THRESHOLD = 1 << 20  # buffers from 1 MiB up (a 224x224 float image is 0.6 MB) get their own mapping
+_ARENA_MAX = 2  # threadpool decoders and the batcher would otherwise each grow an arena of their own
 
 
 class PixelBudget:
@@ -46,16 +54,29 @@ class PixelBudget:
                 self._free.notify_all()
 
 
-def _malloc_trim() -> ctypes._CFuncPtr | None:
+def _glibc(name: str) -> ctypes._CFuncPtr | None:
     if not sys.platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):  # not glibc (e.g. musl has no malloc_trim or mallopt)
         return None
 
 
-_MALLOC_TRIM = _malloc_trim()
+_MALLOC_TRIM = _glibc("malloc_trim")
+_MALLOPT = _glibc("mallopt")
+
+
+def tune_allocator() -> bool:
+    """Cap glibc's arenas and mmap every buffer of MMAP_THRESHOLD or more; False where that is not glibc.
+
+    glibc raises its mmap threshold to 32 MB after the first large free, after which a ResNet's
+    activations (6 to 50 MB a batch) come from arenas that keep them once freed; a fixed threshold
+    keeps every such buffer in its own mapping, unmapped on free.
+    """
+    if _MALLOPT is None:
+        return False
+    return bool(_MALLOPT(_M_ARENA_MAX, _ARENA_MAX)) and bool(_MALLOPT(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
 def release_memory() -> None:

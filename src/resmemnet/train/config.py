@@ -9,6 +9,10 @@ one line naming the key.
 The options after the paper's recipe build the bundled models (configs/resmemnet-lnsim-*.toml):
 standardised cached inputs folded into the projections, all-participant mean targets, a
 calibrated and fp16-stored head, and the split-half test against every subject split.
+
+`candidates` lists recipes to choose from: each is the config with its own dotted overrides, trained
+on the same train/validation carve; the one with the best validation Spearman rho is kept
+(resmemnet.train.choose).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 
 from resmemnet.model.resmemnet import ModelConfig
 
-__all__ = ["AUGMENTATIONS", "PAPER_PHASES", "PhaseConfig", "TrainConfig", "load_config", "parse_override"]
+__all__ = ["AUGMENTATIONS", "PAPER_PHASES", "Candidate", "PhaseConfig", "TrainConfig", "load_config",
+           "parse_override"]
 
 AUGMENTATIONS = ("none", "hflip")
 MAX_EPOCHS = 10_000
@@ -55,6 +60,18 @@ class PhaseConfig(BaseModel):
             raise ValueError(f"needs lr_min <= lr_max, got {self.lr_min} > {self.lr_max}")
         return self
 
+
+class Candidate(BaseModel):
+    """A recipe to try: the config with `set` applied (dotted overrides, as for `--set`)."""
+
+    model_config = _STRICT
+
+    name: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]  # also its run folder
+    set: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()
+
+
+# What validation means: a candidate may not change it, or the candidates' rhos would not compare.
+_SAME_FOR_EVERY_CANDIDATE = ("seed", "val_fraction", "target", "candidates")
 
 PAPER_PHASES = (
     PhaseConfig(epochs=10, lr_min=1e-3, lr_max=1e-2, frozen=True),
@@ -102,6 +119,7 @@ class TrainConfig(BaseModel):
     head_dtype: Literal["float32", "float16"] = "float32"  # storage of projection + head in the final best file
     distil_csv: StrictStr = ""  # path,score CSV of extra (unlabelled) training images, e.g. resmem's scores
     name: StrictStr = ""  # the model's name, written into its checkpoints' metadata
+    candidates: Annotated[tuple[Candidate, ...], Field(max_length=100, strict=False)] = ()  # best validation wins
 
     @pydantic.field_validator("model", mode="before")
     @classmethod
@@ -124,7 +142,29 @@ class TrainConfig(BaseModel):
             raise ValueError("distil_csv needs every phase frozen and cache_features=true")
         if self.calibrate and self.model.output != "sigmoid":
             raise ValueError("calibrate=true needs model.output='sigmoid'")
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names):
+            raise ValueError(f"candidates need distinct names, got {names}")
+        for candidate in self.candidates:
+            self.for_candidate(candidate.name)  # every override is checked now, not after the first run
         return self
+
+    def for_candidate(self, name: str) -> TrainConfig:
+        """The config that candidate `name` trains with: this one, its overrides applied, no candidates."""
+        candidate = next((c for c in self.candidates if c.name == name), None)
+        if candidate is None:
+            raise ValueError(f"No candidate {name!r}; this config has {[c.name for c in self.candidates]}")
+        data = {**self.to_dict(), "candidates": []}
+        try:
+            for text in candidate.set:
+                path, value = parse_override(text)
+                if path[0] in _SAME_FOR_EVERY_CANDIDATE:
+                    raise ValueError(f"{text!r} changes {path[0]}, which every candidate shares (they are "
+                                     "compared on one validation carve); set it outside [[candidates]]")
+                _apply(data, path, value)
+            return TrainConfig.from_dict(data)
+        except ValueError as exc:
+            raise ValueError(f"candidate {name!r}: {str(exc).removeprefix('Invalid config: ')}") from None
 
     @property
     def total_epochs(self) -> int:

@@ -22,6 +22,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -40,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 
-from resmemnet.checkpoint import atomic_save_file, load_checkpoint, save_checkpoint
+from resmemnet.checkpoint import atomic_save_file, load_checkpoint, read_metadata, save_checkpoint
 from resmemnet.data.base import ImageScoreDataset, Split
 from resmemnet.data.decoded import DecodedImages, collate_decoded
 from resmemnet.fileio import atomic_write
@@ -59,8 +60,8 @@ from resmemnet.train.optim import CostAugmentedAdam
 from resmemnet.train.schedule import epoch_cycle
 from resmemnet.train.targets import distil_rows, mean_targets, subject_split_test
 
-__all__ = ["RESUME_FILE", "RunResult", "TrainState", "TrainingDiverged", "evaluate", "model_preprocessing",
-           "predict_rows", "train"]
+__all__ = ["RESUME_FILE", "RunResult", "TrainState", "TrainingDiverged", "as_stored", "config_changes",
+           "evaluate", "model_preprocessing", "predict_rows", "read_log", "record_test", "train"]
 
 RESUME_FILE = "resume.safetensors"
 _RESUME_KEY = "resmemnet_resume"
@@ -111,6 +112,7 @@ class RunResult:
     test: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
     bad_images: list[str] = field(default_factory=list)
+    chosen_candidate: str = ""  # with candidates: the one kept (see <run_dir>/candidates.md)
 
 
 def model_preprocessing(config: TrainConfig) -> Preprocessing:
@@ -256,19 +258,26 @@ def _read_resume(path: Path) -> _Saved:
                   scheduler=meta["scheduler"], scaler=meta["scaler"])
 
 
+def config_changes(old: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The keys whose values differ between a run's saved config and `config`, besides harmless ones.
+    A key the saved config lacks (an option added since) counts as its default."""
+    new, defaults = config.to_dict(), TrainConfig().to_dict()
+    return sorted(k for k in set(old) | set(new)
+                  if k not in _RESUME_MAY_CHANGE and old.get(k, defaults.get(k)) != new.get(k))
+
+
 def _check_resumable(saved: _Saved, config: TrainConfig, path: Path) -> None:
-    old = {k: v for k, v in saved.state.config.items() if k not in _RESUME_MAY_CHANGE}
-    new = {k: v for k, v in config.to_dict().items() if k not in _RESUME_MAY_CHANGE}
-    if old != new:
-        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    changed = config_changes(saved.state.config, config)
+    if changed:
         raise ValueError(f"Cannot resume {path}: the config differs in {changed}. Resume with the same config, "
                          "or start a new run in another output folder.")
 
 
-def _parse_row(row: dict[str, str]) -> dict[str, Any]:
-    """A log.csv row back to the values it was written from."""
-    return {k: v == "True" if v in ("True", "False") else (int(v) if k in ("epoch", "phase") else float(v))
-            for k, v in row.items()}
+def read_log(path: Path) -> list[dict[str, Any]]:
+    """A run's log.csv, its rows back to the values they were written from."""
+    with open(path, newline="") as f:
+        return [{k: v == "True" if v in ("True", "False") else (int(v) if k in ("epoch", "phase") else float(v))
+                 for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _json_safe(value: Any) -> Any:
@@ -418,8 +427,7 @@ def _setup(config: TrainConfig, split: Split, output: Path, resume: bool, metada
             f.write(config.to_json())
         log_path = output / "log.csv"
         if log_path.is_file():  # rows beyond the resume point are dropped; TensorBoard purges them too
-            with open(log_path, newline="") as f:
-                history = [_parse_row(r) for r in csv.DictReader(f)][:state.log_rows]
+            history = read_log(log_path)[:state.log_rows]
         with open(log_path, "w", newline="") as f:
             csv.DictWriter(f, LOG_FIELDS).writeheader()
             csv.DictWriter(f, LOG_FIELDS).writerows(history)
@@ -595,69 +603,121 @@ def _end_epoch(run: _Run, phase_idx: int, epoch: int, global_epoch: int, cached:
 
 
 # ---------------------------------------------------------------- finish: calibrate, store, test
-def _finish(run: _Run) -> RunResult:
-    """The best checkpoint, calibrated and stored as configured, then scored on the test set (rank 0)."""
+def _finish(run: _Run, test: bool) -> RunResult:
+    """The best checkpoint, calibrated and stored as configured (rank 0), then scored on the test set if `test`."""
     config, state, dist = run.config, run.state, run.dist
-    test_data: ImageScoreDataset | CachedRows = run.split.test
-    if config.frozen_throughout and run.data.cached_train is not None:
-        test_data = CachedRows.of(build_feature_cache(
-            run.model, run.split.test, _cache_dir(config, run.output), dtype=config.cache_dtype,
-            batch_size=2 * config.batch_size, workers=config.workers, device=run.device, precision=run.precision,
-            progress=config.progress and dist.is_main))
-    test = None
+    test_data: ImageScoreDataset | CachedRows | None = None
+    if test and config.frozen_throughout and run.data.cached_train is not None:  # every rank waits on the cache
+        test_data = _cached_test(run.model, run.split.test, config, run.output, run.device, run.precision)
+    metrics = None
     if dist.is_main:
         run.writer.close()
-        best_path = run.output / "best.safetensors"
-        best = load_checkpoint(best_path).to(run.device)
-        extra: dict[str, Any] = {}
-        if config.calibrate:
-            val = run.data.cached_val if run.data.cached_val is not None else run.data.val
-            pred, idx, _ = predict_rows(best, val, batch_size=2 * config.batch_size, workers=config.workers,
-                                        device=run.device, precision=run.precision.name)
-            extra["calibration"] = calibrate(best, pred, run.data.val_targets[idx])
-        if config.head_dtype == "float16":  # halves the file; loading casts back to float32
-            best.projection.half()
-            best.head.half()
-        save_checkpoint(best, best_path, metadata=extra, include_backbone=run.with_backbone)
-        scored = load_checkpoint(best_path).to(run.device)  # scored exactly as users will load it
-        pred, idx, test_errors = predict_rows(scored, test_data, batch_size=2 * config.batch_size,
-                                              workers=config.workers, device=run.device,
-                                              precision=run.precision.name)
-        if not idx.size:
-            raise ValueError(f"No test image of {len(run.split.test)} could be scored: {test_errors[:3]}")
-        test = {**regression_metrics(pred, run.split.test.scores[idx]), "bad_images": len(test_errors)}
-        if config.test_protocol == "every_subject_split":
-            test["every_subject_split"] = subject_split_test(run.split.info,
-                                                             [run.split.test.paths[i] for i in idx], pred)
-        test_spearman = test["every_subject_split"]["mean"] if "every_subject_split" in test else test["spearman"]
-        save_checkpoint(best, best_path, metadata={**extra, "test": test, "test_spearman": test_spearman},
-                        include_backbone=run.with_backbone)
-        bad = sorted(set(state.bad_images) | set(test_errors))
-        if bad:
-            with atomic_write(run.output / "bad_images.txt") as f:
-                f.write("\n".join(bad) + "\n")
+        _store_best(run)
         with atomic_write(run.output / "metrics.json") as f:
-            json.dump({"test": test, "best_epoch": state.best_epoch, "best_val_spearman": state.best_val_spearman,
+            json.dump({"test": None, "best_epoch": state.best_epoch, "best_val_spearman": state.best_val_spearman,
                        "split": _json_safe(run.split.info)}, f, indent=2)
-    test = dist.broadcast(test)
+        _write_bad_images(run.output, state.bad_images)
+        if test:
+            metrics = record_test(config, run.split, run.output, test_data=test_data, device=run.device,
+                                  precision=run.precision)
+    metrics = dist.broadcast(metrics) if test else None
     return RunResult(run.output, run.output / "best.safetensors", run.output / "last.safetensors", state.best_epoch,
-                     state.best_val_spearman, test, run.history, state.bad_images)
+                     state.best_val_spearman, metrics or {}, run.history, state.bad_images)
+
+
+def _cached_test(model: ResMemNet, test: ImageScoreDataset, config: TrainConfig, output: Path,
+                 device: torch.device, precision: PrecisionChoice) -> CachedRows:
+    return CachedRows.of(build_feature_cache(
+        model, test, _cache_dir(config, output), dtype=config.cache_dtype, batch_size=2 * config.batch_size,
+        workers=config.workers, device=device, precision=precision,
+        progress=config.progress and int(os.environ.get("RANK", "0")) == 0))
+
+
+def _store_best(run: _Run) -> None:
+    """Calibrate and cast the best checkpoint once; `finished` in its metadata says it was (resume-safe)."""
+    config = run.config
+    best_path = run.output / "best.safetensors"
+    if read_metadata(best_path).get("finished"):
+        return
+    best = load_checkpoint(best_path).to(run.device)
+    extra: dict[str, Any] = {"finished": True}
+    if config.calibrate:
+        val = run.data.cached_val if run.data.cached_val is not None else run.data.val
+        pred, idx, _ = predict_rows(best, val, batch_size=2 * config.batch_size, workers=config.workers,
+                                    device=run.device, precision=run.precision.name)
+        extra["calibration"] = calibrate(best, pred, run.data.val_targets[idx])
+    save_checkpoint(as_stored(best, config), best_path, metadata=extra, include_backbone=run.with_backbone)
+
+
+def as_stored(model: ResMemNet, config: TrainConfig) -> ResMemNet:
+    """The model in its storage dtype: fp16 halves the file; loading casts back to float32."""
+    if config.head_dtype == "float16":
+        model.projection.half()
+        model.head.half()
+    return model
+
+
+def _write_bad_images(run_dir: Path, bad: list[str]) -> None:
+    """Add `bad` to the run's bad_images.txt (one path and reason a line)."""
+    path = run_dir / "bad_images.txt"
+    known = set(path.read_text().splitlines()) if path.is_file() else set()
+    if set(bad) - known:
+        with atomic_write(path) as f:
+            f.write("\n".join(sorted(known | set(bad))) + "\n")
+
+
+def record_test(config: TrainConfig, split: Split, run_dir: str | Path, *,
+                test_data: ImageScoreDataset | CachedRows | None = None, device: torch.device | str | None = None,
+                precision: PrecisionChoice | None = None) -> dict[str, Any]:
+    """Score a finished run's best checkpoint on the split's test set, as users will load it, and record the
+    metrics in the checkpoint and in metrics.json. `test_data` defaults to the images (or, for a frozen
+    cached run, their cached features)."""
+    run_dir = Path(run_dir)
+    best_path = run_dir / "best.safetensors"
+    device = resolve_device(config.device) if device is None else torch.device(device)
+    precision = precision or choose_precision(config.precision, device)
+    scored = load_checkpoint(best_path).to(device)
+    if test_data is None:
+        test_data = (_cached_test(scored, split.test, config, run_dir, device, precision)
+                     if config.frozen_throughout and config.cache_features else split.test)
+    pred, idx, test_errors = predict_rows(scored, test_data, batch_size=2 * config.batch_size,
+                                          workers=config.workers, device=device, precision=precision.name)
+    if not idx.size:
+        raise ValueError(f"No test image of {len(split.test)} could be scored: {test_errors[:3]}")
+    test = {**regression_metrics(pred, split.test.scores[idx]), "bad_images": len(test_errors)}
+    if config.test_protocol == "every_subject_split":
+        test["every_subject_split"] = subject_split_test(split.info, [split.test.paths[i] for i in idx], pred)
+    test_spearman = test["every_subject_split"]["mean"] if "every_subject_split" in test else test["spearman"]
+    save_checkpoint(as_stored(scored, config), best_path, metadata={"test": test, "test_spearman": test_spearman},
+                    include_backbone=read_metadata(best_path)["backbone_in_file"])
+    _write_bad_images(run_dir, test_errors)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    with atomic_write(metrics_path) as f:
+        json.dump({**metrics, "test": test}, f, indent=2)
+    return test
 
 
 def train(config: TrainConfig, split: Split, output: str | Path, *, resume: bool = False,
-          metadata: dict[str, Any] | None = None) -> RunResult:
+          metadata: dict[str, Any] | None = None, test: bool = True) -> RunResult:
     """Train with `config` on `split`, writing the run folder `output`; returns the best model's test metrics.
 
     `metadata` goes into every checkpoint (the CLI records the config file and the exact command).
+    `test=False` leaves the test set unscored (record_test scores it later). A config with candidates
+    trains each and keeps the best on validation (resmemnet.train.choose).
 
     >>> result = train(load_config("configs/paper.toml"), load_split("lnsim", root, split=0), "runs/lnsim0")
     >>> result.best_checkpoint, result.test["spearman"]
     """
+    if config.candidates:
+        from resmemnet.train.choose import choose_candidate  # choose calls train for each candidate
+
+        return choose_candidate(config, split, output, resume=resume, metadata=metadata)
     run = _setup(config, split, Path(output), resume, metadata or {})
     epoch_offset = 0
     for phase_idx, phase in enumerate(config.phases):
         if phase_idx >= run.state.phase and phase.epochs:
             _train_phase(run, phase_idx, epoch_offset)
         epoch_offset += phase.epochs
-    return _finish(run)
+    return _finish(run, test)
 
