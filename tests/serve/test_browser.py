@@ -6,18 +6,14 @@ The browser runs under the server's Content-Security-Policy, so any violation fa
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from resmemnet.serve import create_app
 from tests.conftest import SHARED_DATASETS
-from tests.serve.conftest import photo_bytes
+from tests.serve.conftest import photo_bytes, running_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -31,20 +27,8 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture
 def live_server(tiny_model):
     """uvicorn on a free loopback port, in a background thread, for the test's duration."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny_model), log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running_server({}, create_app(tiny_model)) as (host, port):
+        yield f"http://{host}:{port}"
 
 
 def _two_photos(tmp_path: Path) -> list[Path]:

@@ -3,19 +3,16 @@
 import asyncio
 import re
 import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 import resmemnet.serve.app
 from resmemnet.serve import ServeSettings, create_app
 from resmemnet.serve.middleware import DOCS_PATHS
 from resmemnet.serve.protocol import with_header_timeout
-from tests.serve.conftest import photo_bytes
+from tests.serve.conftest import photo_bytes, running_server
 
 
 @pytest.fixture(scope="module")
@@ -102,21 +99,8 @@ def test_a_stalled_upload_gets_408_and_the_connection_closes(tiny_model):
 @pytest.fixture
 def live_url(tiny_model):
     """uvicorn with a 0.3 s header timeout on a free loopback port, in a background thread."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(create_app(tiny_model), http=with_header_timeout(0.3), log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail("uvicorn did not start")
-        time.sleep(0.05)
-    yield sock.getsockname()
-    server.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    with running_server({"http": with_header_timeout(0.3)}, create_app(tiny_model)) as address:
+        yield address
 
 
 def test_a_request_head_that_never_finishes_is_closed(live_url):
