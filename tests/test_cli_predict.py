@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from resmemnet import Preprocessing, create_model, predict, save_checkpoint
 from resmemnet.cli import main
@@ -69,6 +70,20 @@ def test_formats_order_errors_and_exit_code(checkpoint, photo_dir, tmp_path, cap
     assert any("ERROR" in line and "broken.jpg" in line for line in table)
     assert any(line.endswith("deep.png") for line in table)
     assert main(["predict", str(photo_dir / "img0.jpg"), "--checkpoint", checkpoint, "--no-progress"]) == 0
+
+
+def test_an_ensemble_writes_score_std_next_to_score(photo_dir, tmp_path):
+    ensemble = create_model("mobilenet_v3_large", head="linear-ensemble", members=4,
+                            preprocessing=Preprocessing(resize=(32, 32))).eval()
+    torch.nn.init.normal_(ensemble.head.fc.weight, std=0.01)
+    path = save_checkpoint(ensemble, tmp_path / "ensemble.safetensors")
+    assert main(["predict", str(photo_dir), "--checkpoint", str(path), "--output", str(tmp_path / "s.csv"),
+                 "--workers", "0", "--no-progress", "--precision", "fp32"]) == 0
+    rows = _rows(tmp_path / "s.csv")
+    assert list(rows[0]) == ["path", "score", "error", "score_std"]
+    scores, spread = predict(sorted(str(p) for p in photo_dir.glob("*.jpg")), ensemble, return_std=True)
+    np.testing.assert_allclose([float(r["score_std"]) for r in rows], spread, rtol=1e-4)
+    np.testing.assert_allclose([float(r["score"]) for r in rows], scores, atol=1e-5)
 
 
 def test_one_row_per_image_however_named_and_resumed(checkpoint, tmp_path, capsys, monkeypatch):

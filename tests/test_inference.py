@@ -156,3 +156,21 @@ def test_int8_without_an_int8_file_is_a_one_line_error(tmp_path):
     fp32 = _tiny_onnx(tmp_path / "m.onnx", "fp32")
     with pytest.raises(ValueError, match="is a fp32 model, not int8"):
         ScorerSpec(backend="onnxruntime", onnx=fp32, precision="int8").build()
+
+
+def test_an_ensemble_model_gives_the_mean_and_spread_of_its_members(tmp_path):
+    ensemble = create_model("mobilenet_v3_large", head="linear-ensemble", members=5,
+                            preprocessing=Preprocessing(resize=(32, 32))).eval()
+    torch.nn.init.normal_(ensemble.head.fc.weight, std=0.01)
+    scorer = TorchScorer(ensemble, device="cpu", precision="fp32")
+    assert scorer.gives_spread and not TorchScorer(create_model("mobilenet_v3_large"), device="cpu").gives_spread
+    images = torch.rand(3, 3, 32, 32)
+    scores, spread = scorer.score_with_spread(images)
+    with torch.no_grad():
+        members = ensemble.forward_members(ensemble.pool_taps(images)).numpy()
+    np.testing.assert_allclose(scores, members.mean(1), atol=1e-6)
+    np.testing.assert_allclose(spread, members.std(1, ddof=1), atol=1e-6)
+    np.testing.assert_allclose(scorer(images), scores, atol=1e-6)
+    paths = [make_photo(tmp_path / f"{i}.png", size=(40, 40)) for i in range(2)]
+    rows = [r for b in score_paths(paths, scorer) for r in b]
+    assert all(r.score_std is not None and r.score_std > 0 for r in rows)

@@ -60,6 +60,20 @@ def resolve_layer(model: ResMemNet, layer: str | None = None) -> torch.nn.Module
                          f"(all names: model.named_modules())") from None
 
 
+@contextlib.contextmanager
+def _one_view(model: ResMemNet) -> Iterator[None]:
+    """Grad-CAM needs one forward pass per image: a backbone that also reads the mirror image (`flip_views`,
+    resmem-experts) reads the image alone while explaining, so its score there can differ slightly."""
+    flips = getattr(model.backbone, "flip_views", False)
+    if flips:
+        model.backbone.flip_views = False
+    try:
+        yield
+    finally:
+        if flips:
+            model.backbone.flip_views = True
+
+
 def _overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
@@ -119,7 +133,8 @@ def explain(inputs: ExplainInput | Sequence[ExplainInput], model: ResMemNet | st
     # The input requires grad, so a frozen backbone still yields gradients at the target layer.
     # cudnn refuses the LSTM backward in eval mode, so it is off here.
     with torch.inference_mode(False), torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), \
-            eval_mode(model), _untouched_parameters(model), GradCAM(model, target_layers=[target_layer]) as cam:
+            eval_mode(model), _untouched_parameters(model), _one_view(model), \
+            GradCAM(model, target_layers=[target_layer]) as cam:
         for start in range(0, len(inputs), batch_size):
             images = [x.convert("RGB") if isinstance(x, Image.Image) else load_image(x)
                       for x in inputs[start:start + batch_size]]

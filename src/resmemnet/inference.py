@@ -141,12 +141,28 @@ class TorchScorer(Scorer):
         self.preprocessing = model.preprocessing
         self._pool_taps = torch.compile(self.model.pool_taps) if compile else self.model.pool_taps
 
+    @property
+    def gives_spread(self) -> bool:  # type: ignore[override]
+        return self.model.config.members > 1
+
     @torch.inference_mode()
-    def __call__(self, batch: torch.Tensor) -> ScoreArray:
+    def pool(self, batch: torch.Tensor) -> torch.Tensor:
+        """Pooled block features of a preprocessed batch, under the scorer's device and precision."""
         batch = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
         with eval_mode(self.model), autocast(self.device, self.precision):
-            pooled = self._pool_taps(batch)
-        return self.score_pooled(pooled)
+            return self._pool_taps(batch)
+
+    def __call__(self, batch: torch.Tensor) -> ScoreArray:
+        return self.score_pooled(self.pool(batch))
+
+    @torch.inference_mode()
+    def score_with_spread(self, batch: torch.Tensor) -> tuple[ScoreArray, ScoreArray | None]:
+        """Scores, and for an ensemble the standard deviation of its members' scores (else None)."""
+        if not self.gives_spread:
+            return self(batch), None
+        with eval_mode(self.model):
+            members = self.model.forward_members(self.pool(batch).to(self.device).float()).float()
+        return members.mean(dim=1).cpu().numpy(), members.std(dim=1).cpu().numpy()
 
     @torch.inference_mode()
     def score_pooled(self, pooled: torch.Tensor) -> ScoreArray:

@@ -41,8 +41,12 @@ def _to_tensor(item: PredictInput, preprocessing: Preprocessing,
 
 
 def predict(inputs: PredictInput | Sequence[PredictInput], model: ModelLike | Scorer = None, *,
-            batch_size: int = 32, device: str | torch.device = "auto", precision: str = "fp32") -> ScoreArray:
+            batch_size: int = 32, device: str | torch.device = "auto", precision: str = "fp32",
+            return_std: bool = False) -> ScoreArray | tuple[ScoreArray, ScoreArray]:
     """Memorability scores in input order, as a float32 array of shape (n,).
+
+    `return_std=True` also returns each score's standard deviation over an ensemble's members
+    (`resmemnet-large`); it is NaN for a single model, which measures no spread.
 
     `inputs` may be paths, PIL images or preprocessed (3, H, W) tensors (a (B, 3, H, W) batch too).
     `model` is a loaded model, a checkpoint path, a bundled name or a Scorer (whose own device and
@@ -62,8 +66,11 @@ def predict(inputs: PredictInput | Sequence[PredictInput], model: ModelLike | Sc
         scorer = TorchScorer(model if isinstance(model, ResMemNet) else load_model(model), device=device,
                              precision=precision, inplace=not isinstance(model, ResMemNet))
     transform = scorer.preprocessing.transforms()  # built once per call, not once per image
-    scores: list[np.ndarray] = []
+    scores: list[np.ndarray] = [np.zeros(0, dtype=np.float32)]
+    spreads: list[np.ndarray] = [np.zeros(0, dtype=np.float32)]
     for start in range(0, len(inputs), batch_size):
-        chunk = inputs[start:start + batch_size]
-        scores.append(scorer(torch.stack([_to_tensor(x, scorer.preprocessing, transform) for x in chunk])))
-    return np.concatenate(scores) if scores else np.zeros(0, dtype=np.float32)
+        batch = torch.stack([_to_tensor(x, scorer.preprocessing, transform) for x in inputs[start:start + batch_size]])
+        score, spread = scorer.score_with_spread(batch)
+        scores.append(score)
+        spreads.append(np.full(len(score), np.nan, dtype=np.float32) if spread is None else spread)
+    return (np.concatenate(scores), np.concatenate(spreads)) if return_std else np.concatenate(scores)

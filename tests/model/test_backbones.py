@@ -16,7 +16,7 @@ EXPECTED_TAPS = {"resnet50": 16, "resnet101": 33, "resnet152": 50, "resnext50_32
 
 
 def test_registry_holds_the_papers_backbone_and_its_future_work():
-    assert set(BACKBONES.names()) == set(EXPECTED_TAPS)
+    assert set(BACKBONES.names()) == {*EXPECTED_TAPS, "resmem-experts"}  # the last: tests/model/test_experts.py
 
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_TAPS))

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from resmemnet.model.heads import HEADS, PeepholeLSTM, create_head
+from resmemnet.model.heads import HEADS, POOLED_HEADS, PeepholeLSTM, create_head
 
 
-@pytest.mark.parametrize("name", HEADS.names())
+@pytest.mark.parametrize("name", sorted(set(HEADS.names()) - POOLED_HEADS))
 def test_each_head_maps_a_sequence_to_one_value_per_item(name):
     head = create_head(name, in_dim=16, seq_len=5, hidden_dim=8, dropout=0.1, peephole=False)
     out = head(torch.randn(3, 5, 16))
@@ -65,3 +65,11 @@ def test_transformer_rejects_wrong_sequence_length():
     head = create_head("transformer", in_dim=16, seq_len=5, hidden_dim=8, dropout=0.0, peephole=False)
     with pytest.raises(ValueError, match="built for 5 taps, got 6"):
         head(torch.randn(1, 6, 16))
+
+
+def test_linear_ensemble_reads_pooled_features_into_one_value_per_member():
+    head = create_head("linear-ensemble", in_dim=16, seq_len=5, hidden_dim=8, dropout=0.1, peephole=False, members=4)
+    torch.nn.init.normal_(head.fc.weight)
+    x = torch.randn(3, 16)
+    assert torch.allclose(head(x), x @ head.fc.weight.T + head.fc.bias)
+    assert head(x).shape == (3, 4)

@@ -5,6 +5,7 @@ import io
 import httpx
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -33,7 +34,23 @@ def test_predict_scores_match_the_library_and_are_ranked(client, tiny_model):
     expected = predict([Image.open(io.BytesIO(b)) for b in blobs], tiny_model)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
     assert [x["rank"] for x in results] == list(np.argsort(np.argsort(-expected)) + 1)
-    assert all(x["error"] is None for x in results)
+    assert all(x["error"] is None and x["score_std"] is None for x in results)  # one model: no spread
+
+
+def test_an_ensemble_model_returns_each_scores_spread():
+    from resmemnet import Preprocessing, create_model
+
+    ensemble = create_model("mobilenet_v3_large", head="linear-ensemble", members=4,
+                            preprocessing=Preprocessing(resize=(64, 64))).eval()
+    torch.nn.init.normal_(ensemble.head.fc.weight, std=0.01)
+    blobs = [photo_bytes(i) for i in range(2)]
+    with TestClient(create_app(ensemble)) as c:
+        r = c.post("/v1/predict", files=_files(("a.jpg", blobs[0]), ("cut.jpg", blobs[1][:100]), ("b.jpg", blobs[1])))
+    results = r.json()["results"]
+    scores, spread = predict([Image.open(io.BytesIO(b)) for b in blobs], ensemble, return_std=True)
+    np.testing.assert_allclose([results[0]["score_std"], results[2]["score_std"]], spread, rtol=1e-4)
+    np.testing.assert_allclose([results[0]["score"], results[2]["score"]], scores, atol=1e-5)
+    assert results[1]["score"] is None and results[1]["score_std"] is None
 
 
 def test_type_is_sniffed_from_content_not_name(client):

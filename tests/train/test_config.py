@@ -60,6 +60,15 @@ BAD_OVERRIDES = [
     (["standardise=true"], "standardise=true needs every phase frozen"),
     (["model.backbone=vgg"], "Unknown backbone 'vgg'"),
     (["..=1"], "empty key part"),
+    (["phases=[{epochs=1}]"], "phases.0.lr_min: Field required; phases.0.lr_max: Field required"),
+    (["model.members=4"], "members > 1 needs head='linear-ensemble'"),
+    (["model.members=100000"], "members must be an integer in 1..256"),
+    (["model.head='linear-ensemble'"], "is fitted in closed form on cached features: give one frozen phase"),
+    (["ensemble_groups=['all']"], "ensemble_groups needs head 'linear-ensemble'"),
+    (["distil_dirs=['x']"], "distil_dirs and distil_tap go together"),
+    (["ridge_alphas=[]"], "ridge_alphas: Tuple should have at least 1 item"),
+    (["ridge_alphas=[-1.0]"], "ridge_alphas.0: Input should be greater than 0"),
+    (["crop=-1"], "crop: Input should be greater than or equal to 0"),
 ]
 
 
@@ -88,4 +97,4 @@ def test_configs_are_json_without_infinity(tmp_path):
 def test_round_trip_through_dict():
     c = load_config(None, ["phases=[{epochs=1, lr_min=0.1, lr_max=0.2, frozen=true}]", "cost_lambda=0.5"])
     assert TrainConfig.from_dict(c.to_dict()) == c
-    assert c.phases == (PhaseConfig(1, 0.1, 0.2, True),)
+    assert c.phases == (PhaseConfig(epochs=1, lr_min=0.1, lr_max=0.2, frozen=True),)

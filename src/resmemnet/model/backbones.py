@@ -118,3 +118,6 @@ for _arch, _blocks in {
     BACKBONES.register(_arch)(_resnet(_arch, _blocks))
 BACKBONES.register("mobilenet_v3_large")(_sequential_features("mobilenet_v3_large", _each_child))
 BACKBONES.register("efficientnet_b0")(_sequential_features("efficientnet_b0", _each_mbconv))
+
+# Backbones defined in their own modules register on import, so every lookup of BACKBONES sees them.
+from resmemnet.model import experts as _experts  # noqa: E402, F401

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MAX_DIM", "OUTPUTS", "ModelConfig"]
+__all__ = ["MAX_DIM", "MAX_MEMBERS", "OUTPUTS", "ModelConfig"]
 
 OUTPUTS = ("sigmoid", "identity")
 MAX_DIM = 4096  # proj_dim / hidden_dim above this are damaged or hostile configs, not models
+MAX_MEMBERS = 256  # ensemble read-outs (head "linear-ensemble")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class ModelConfig:
     peephole: bool = False
     output: str = "sigmoid"
     backbone_weights: str | None = None
+    members: int = 1  # ensemble members (head "linear-ensemble"): the score is their mean, score_std their spread
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -41,6 +43,10 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
                 raise ValueError(f"{name} must be an integer in 1..{MAX_DIM}, got {value!r}")
+        if isinstance(self.members, bool) or not isinstance(self.members, int) or not 1 <= self.members <= MAX_MEMBERS:
+            raise ValueError(f"members must be an integer in 1..{MAX_MEMBERS}, got {self.members!r}")
+        if self.members > 1 and self.head != "linear-ensemble":
+            raise ValueError(f"members > 1 needs head='linear-ensemble', not {self.head!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.peephole and self.head != "lstm":

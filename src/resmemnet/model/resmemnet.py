@@ -2,6 +2,9 @@
 
 image -> backbone blocks A_1..A_n -> GAP -> 1x1 conv (proj_dim) -> LayerNorm -> dropout
       -> sequence (batch, n, proj_dim) -> head (LSTM by default) -> linear -> score
+
+A pooled-input head (`linear-ensemble`) reads the GAP outputs directly, with no projection, and
+gives `members` scores per image: their mean is the score, their spread its uncertainty.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from torch import nn
 
 from resmemnet.model.backbones import create_backbone
 from resmemnet.model.config import MAX_DIM, ModelConfig
-from resmemnet.model.heads import create_head
+from resmemnet.model.heads import POOLED_HEADS, create_head
 from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.weights import Weights, file_weights, list_weights, trunk_weights
 
@@ -54,9 +57,11 @@ class ResMemNet(nn.Module):
         self.metadata: dict[str, Any] = {}
         self.backbone = create_backbone(config.backbone)
         channels = self.backbone.tap_channels
-        self.projection = TapProjection(channels, config.proj_dim, config.dropout)
-        self.head = create_head(config.head, in_dim=config.proj_dim, seq_len=len(channels),
-                                hidden_dim=config.hidden_dim, dropout=config.dropout, peephole=config.peephole)
+        pooled_head = config.head in POOLED_HEADS
+        self.projection = None if pooled_head else TapProjection(channels, config.proj_dim, config.dropout)
+        self.head = create_head(config.head, in_dim=sum(channels) if pooled_head else config.proj_dim,
+                                seq_len=len(channels), hidden_dim=config.hidden_dim, dropout=config.dropout,
+                                peephole=config.peephole, members=config.members)
 
     @property
     def tap_channels(self) -> list[int]:
@@ -65,7 +70,8 @@ class ResMemNet(nn.Module):
     @property
     def cam_layer(self) -> str:
         """Default Grad-CAM target: the last backbone stage, by its name in this module."""
-        return f"backbone.net.{self.backbone.cam_layer}"
+        traced = getattr(self.backbone, "net", None) is not None  # a Backbone: torchvision names sit under net
+        return f"backbone.{'net.' if traced else ''}{self.backbone.cam_layer}"
 
     def pool_taps(self, images: torch.Tensor) -> torch.Tensor:
         """Images -> (batch, sum(channels)) globally average-pooled block outputs (what a cache stores)."""
@@ -73,9 +79,15 @@ class ResMemNet(nn.Module):
             raise ValueError(f"Expected images of shape (batch, 3, H, W), got {tuple(images.shape)}")
         return torch.cat([t.mean(dim=(2, 3)) for t in self.backbone(images)], dim=1)
 
-    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
-        raw = self.head(self.projection(pooled.float()))
+    def forward_members(self, pooled: torch.Tensor) -> torch.Tensor:
+        """(batch, members) scores from pooled taps; one member unless the head is an ensemble."""
+        pooled = pooled.float()
+        raw = self.head(pooled if self.projection is None else self.projection(pooled))
+        raw = raw if raw.ndim == 2 else raw[:, None]
         return torch.sigmoid(raw) if self.config.output == "sigmoid" else raw
+
+    def forward_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.forward_members(pooled).mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward_pooled(self.pool_taps(images))
@@ -107,13 +119,13 @@ class ResMemNet(nn.Module):
     def describe(self) -> dict[str, Any]:
         """What `resmemnet info` prints."""
         return {
-            "architecture": "ResMem-Net",
+            "architecture": "ResMem-Net" if self.projection is not None else f"{self.config.members}-member ensemble",
             "backbone": self.config.backbone,
             "head": self.config.head,
             "taps": len(self.tap_channels),
             "tap_names": self.backbone.taps,
             "tap_channels": self.tap_channels,
-            "projection": self.config.proj_dim,
+            "projection": self.config.proj_dim if self.projection is not None else None,
             "parameters": self.num_parameters(),
             "config": self.config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),

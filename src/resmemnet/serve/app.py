@@ -94,6 +94,8 @@ class ImageResult(BaseModel):
     index: int = Field(description="position of the file in the upload")
     filename: str = Field(description="the client's file name, echoed (never used as a path)")
     score: float | None = Field(description="predicted memorability in [0, 1]; null if the file was unusable")
+    score_std: float | None = Field(default=None, description="the score's standard deviation over an ensemble's "
+                                                              "members; null for single models")
     rank: int | None = Field(description="1 = most memorable of the scored files in this request")
     error: str | None = Field(default=None, description="why the file could not be scored")
 
@@ -197,8 +199,9 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
     model_lock = threading.Lock()  # Grad-CAM hooks must never see a predict batch's forward pass
     wait_s = settings.max_wait_ms / 1000
 
-    def score_batch(tensors: list[torch.Tensor]) -> list[float]:
-        return predict(tensors, model, batch_size=settings.max_batch, device=device).tolist()
+    def score_batch(tensors: list[torch.Tensor]) -> list[tuple[float, float | None]]:
+        scores, spread = predict(tensors, model, batch_size=settings.max_batch, device=device, return_std=True)
+        return [(float(s), None if np.isnan(d) else float(d)) for s, d in zip(scores, spread, strict=True)]
 
     def explain_batch(images: list[Image.Image]) -> list[Explanation]:
         return explain(images, model, batch_size=settings.explain_batch, device=device)
@@ -298,10 +301,12 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
         """Memorability scores in upload order, with ranks. A bad file among good ones gets an error row."""
         uploads = await read_uploads(files, transform, model_side)
         good = [i for i, u in enumerate(uploads) if u.item is not None]
-        scores = _scatter(len(uploads), good, await run_batcher(scorer, [uploads[i].item for i in good]))
+        scored = _scatter(len(uploads), good, await run_batcher(scorer, [uploads[i].item for i in good]))
+        scores = [None if x is None else x[0] for x in scored]
         return PredictResponse(results=[
-            ImageResult(index=i, filename=u.filename, score=s, rank=r, error=u.error)
-            for i, (u, s, r) in enumerate(zip(uploads, scores, _ranks(scores), strict=True))])
+            ImageResult(index=i, filename=u.filename, score=s, score_std=None if x is None else x[1], rank=r,
+                        error=u.error)
+            for i, (u, s, x, r) in enumerate(zip(uploads, scores, scored, _ranks(scores), strict=True))])
 
     @app.post("/v1/explain", response_model=ExplainResponse, responses={
         **_ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or with format=png the overlay PNG "

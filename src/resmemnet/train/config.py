@@ -26,7 +26,9 @@ import pydantic
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from resmemnet.model.heads import POOLED_HEADS
 from resmemnet.model.resmemnet import ModelConfig
+from resmemnet.train.ridge import DEFAULT_ALPHAS
 
 __all__ = ["AUGMENTATIONS", "PAPER_PHASES", "Candidate", "PhaseConfig", "TrainConfig", "load_config",
            "parse_override"]
@@ -50,9 +52,6 @@ class PhaseConfig(BaseModel):
     lr_min: Annotated[Float, Field(gt=0, le=MAX_LR)]
     lr_max: Annotated[Float, Field(gt=0, le=MAX_LR)]
     frozen: StrictBool = False
-
-    def __init__(self, epochs: int, lr_min: float, lr_max: float, frozen: bool = False, **kwargs: Any):
-        super().__init__(epochs=epochs, lr_min=lr_min, lr_max=lr_max, frozen=frozen, **kwargs)
 
     @pydantic.model_validator(mode="after")
     def _ordered(self) -> PhaseConfig:
@@ -96,6 +95,7 @@ class TrainConfig(BaseModel):
     seed: Annotated[StrictInt, Field(ge=0, lt=2**32)] = 0
     batch_size: Annotated[StrictInt, Field(ge=1, le=MAX_BATCH)] = 24
     image_size: Annotated[StrictInt, Field(ge=16, le=MAX_IMAGE_SIZE)] = 224
+    crop: Annotated[StrictInt, Field(ge=0, le=MAX_IMAGE_SIZE)] = 0  # a centre crop after resizing; 0 = none
     weight_decay: Annotated[Float, Field(ge=0, le=1)] = 1e-4
     adam_eps: Annotated[Float, Field(gt=0, le=1)] = 1e-6
     cost_lambda: Annotated[Float, Field(ge=0, le=100)] = 0.0  # H = lambda * J + grad J (paper Eq. 9); 0: Adam
@@ -118,6 +118,13 @@ class TrainConfig(BaseModel):
     calibrate: StrictBool = False  # fit sigmoid(a * logit + c) on validation, folded into head.fc
     head_dtype: Literal["float32", "float16"] = "float32"  # storage of projection + head in the final best file
     distil_csv: StrictStr = ""  # path,score CSV of extra (unlabelled) training images, e.g. resmem's scores
+    distil_dirs: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # unlabelled folders
+    distil_stride: Annotated[StrictInt, Field(ge=1, le=1000)] = 1  # every Nth photo of each folder (sorted)
+    distil_tap: StrictStr = ""  # the backbone tap whose value is the teacher's score, e.g. "resmem.score"
+    distil_weight: Annotated[Float, Field(gt=0, le=100)] = 1.0  # a distillation row's weight (ridge heads)
+    ensemble_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # () = every group
+    ridge_alphas: Annotated[tuple[Annotated[Float, Field(gt=0, le=1e12)], ...],
+                            Field(min_length=1, max_length=100, strict=False)] = DEFAULT_ALPHAS
     name: StrictStr = ""  # the model's name, written into its checkpoints' metadata
     candidates: Annotated[tuple[Candidate, ...], Field(max_length=100, strict=False)] = ()  # best validation wins
 
@@ -140,6 +147,17 @@ class TrainConfig(BaseModel):
                              "(the statistics come from the cached taps of a fixed backbone)")
         if self.distil_csv and not all_frozen_cached:
             raise ValueError("distil_csv needs every phase frozen and cache_features=true")
+        if bool(self.distil_dirs) != bool(self.distil_tap):
+            raise ValueError("distil_dirs and distil_tap go together: folders of unlabelled photos, and the "
+                             "backbone tap (e.g. 'resmem.score') whose value becomes their target")
+        if self.distil_dirs and not all_frozen_cached:
+            raise ValueError("distil_dirs needs every phase frozen and cache_features=true")
+        if self.model.head in POOLED_HEADS:
+            if not all_frozen_cached or self.total_epochs != 1 or self.standardise or self.augment != "none":
+                raise ValueError(f"head {self.model.head!r} is fitted in closed form on cached features: give one "
+                                 "frozen phase of 1 epoch, cache_features=true, standardise=false, augment='none'")
+        elif self.ensemble_groups:
+            raise ValueError(f"ensemble_groups needs head 'linear-ensemble', not {self.model.head!r}")
         if self.calibrate and self.model.output != "sigmoid":
             raise ValueError("calibrate=true needs model.output='sigmoid'")
         names = [c.name for c in self.candidates]

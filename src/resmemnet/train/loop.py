@@ -47,6 +47,7 @@ from resmemnet.data.decoded import DecodedImages, collate_decoded
 from resmemnet.fileio import atomic_write
 from resmemnet.inference import TorchScorer, score_paths
 from resmemnet.metrics import regression_metrics
+from resmemnet.model.heads import POOLED_HEADS
 from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ResMemNet, create_model
 from resmemnet.model.weights import get_weights
@@ -57,8 +58,16 @@ from resmemnet.train.data import flip_for, validation_indices
 from resmemnet.train.ddp import Distributed, init_distributed
 from resmemnet.train.head import Standardiser, calibrate, folded
 from resmemnet.train.optim import CostAugmentedAdam
+from resmemnet.train.ridge import fit_linear_ensemble
 from resmemnet.train.schedule import epoch_cycle
-from resmemnet.train.targets import distil_rows, mean_targets, subject_split_test
+from resmemnet.train.targets import (
+    distil_images,
+    distil_rows,
+    mean_targets,
+    subject_split_test,
+    tap_column,
+    teacher_targets,
+)
 
 __all__ = ["RESUME_FILE", "RunResult", "TrainState", "TrainingDiverged", "as_stored", "config_changes",
            "evaluate", "model_preprocessing", "predict_rows", "read_log", "record_test", "train"]
@@ -116,10 +125,11 @@ class RunResult:
 
 
 def model_preprocessing(config: TrainConfig) -> Preprocessing:
-    """The trunk weights' own normalisation (e.g. resmem trunks take [0, 1] inputs) at `image_size`."""
+    """The trunk weights' own normalisation (e.g. resmem trunks take [0, 1] inputs) at `image_size` (and `crop`)."""
     weights = config.model.backbone_weights
     base = get_weights(weights).preprocessing if weights else Preprocessing()
-    return replace(base, resize=(config.image_size, config.image_size), crop=None)
+    return replace(base, resize=(config.image_size, config.image_size),
+                   crop=(config.crop, config.crop) if config.crop else None)
 
 
 class _Net(nn.Module):
@@ -373,6 +383,13 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
         extra_cache = build_feature_cache(model, extra, cache_dir, views=views, **kwargs)
         data.cached_train = data.cached_train.plus(CachedRows.of(extra_cache))
         data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
+    if config.distil_dirs:
+        paths = distil_images(config.distil_dirs, config.distil_stride)
+        extra = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
+        rows = CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs))
+        extra_targets = teacher_targets(rows, tap_column(model, config.distil_tap), data.train_targets)
+        data.cached_train = data.cached_train.plus(rows)
+        data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
     if config.standardise:
         data.standardiser = Standardiser.fit(data.cached_train)
     return split, data
@@ -602,6 +619,41 @@ def _end_epoch(run: _Run, phase_idx: int, epoch: int, global_epoch: int, cached:
     return stop
 
 
+def _fit_closed_form(run: _Run) -> None:
+    """A pooled-input head's one "epoch": fitted in closed form on the cached rows (resmemnet.train.ridge).
+
+    Deterministic given the cache, so a resumed run that stopped during the fit simply fits again.
+    """
+    config, state, data = run.config, run.state, run.data
+    if state.phase >= 1:
+        return
+    t0 = time.perf_counter()
+    report = None
+    if run.dist.is_main:
+        report = fit_linear_ensemble(run.model, data.cached_train, data.train_targets, labelled=len(data.train),
+                                     distil_weight=config.distil_weight, alphas=config.ridge_alphas,
+                                     groups=config.ensemble_groups, seed=config.seed)
+        if not _finite_weights(run.model):
+            raise _diverged(run, "the closed-form fit gave non-finite weights")
+        val, _ = evaluate(run.model, data.cached_val, data.val_targets, batch_size=2 * config.batch_size,
+                          device=run.device, precision=run.precision.name)
+        seconds = time.perf_counter() - t0
+        row = {"epoch": 1, "phase": 1, "frozen": True, "cached": True, "lr_min": 0.0, "lr_max": 0.0, "lr_last": 0.0,
+               "train_loss": float("nan"), "val_spearman": val["spearman"], "val_mse": val["mse"],
+               "seconds": round(seconds, 3), "images_per_s": round(len(data.train_targets) / max(seconds, 1e-9), 1)}
+        run.history.append(row)
+        with open(run.output / "log.csv", "a", newline="") as f:
+            csv.DictWriter(f, LOG_FIELDS).writerow(row)
+        meta = {"epoch": 1, "phase": 1, "val_spearman": val["spearman"], "fit": report}
+        run.checkpoint("last.safetensors", meta)
+        run.checkpoint("best.safetensors", meta)
+        state.best_val_spearman, state.best_epoch = val["spearman"], 1
+        tqdm.write(f"closed-form fit: val rho {val['spearman']:.4f} ({seconds:.0f} s)", file=sys.stderr)
+    state.phase, state.log_rows = 1, state.log_rows + 1
+    best = run.dist.broadcast((state.best_val_spearman, state.best_epoch))
+    state.best_val_spearman, state.best_epoch = best
+
+
 # ---------------------------------------------------------------- finish: calibrate, store, test
 def _finish(run: _Run, test: bool) -> RunResult:
     """The best checkpoint, calibrated and stored as configured (rank 0), then scored on the test set if `test`."""
@@ -652,7 +704,8 @@ def _store_best(run: _Run) -> None:
 def as_stored(model: ResMemNet, config: TrainConfig) -> ResMemNet:
     """The model in its storage dtype: fp16 halves the file; loading casts back to float32."""
     if config.head_dtype == "float16":
-        model.projection.half()
+        if model.projection is not None:
+            model.projection.half()
         model.head.half()
     return model
 
@@ -714,6 +767,9 @@ def train(config: TrainConfig, split: Split, output: str | Path, *, resume: bool
 
         return choose_candidate(config, split, output, resume=resume, metadata=metadata)
     run = _setup(config, split, Path(output), resume, metadata or {})
+    if config.model.head in POOLED_HEADS:
+        _fit_closed_form(run)
+        return _finish(run, test)
     epoch_offset = 0
     for phase_idx, phase in enumerate(config.phases):
         if phase_idx >= run.state.phase and phase.epochs:

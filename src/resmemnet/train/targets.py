@@ -20,7 +20,8 @@ from resmemnet.data import lnsim
 from resmemnet.data.base import ImageScoreDataset
 from resmemnet.metrics import mean_std, spearman
 
-__all__ = ["distil_rows", "mean_targets", "split_half_matrices", "subject_split_test"]
+__all__ = ["distil_images", "distil_rows", "mean_targets", "split_half_matrices", "subject_split_test", "tap_column",
+           "teacher_targets"]
 
 
 def split_half_matrices(info: dict[str, Any], paths: Sequence[str | Path]) -> tuple[np.ndarray, np.ndarray]:
@@ -82,3 +83,50 @@ def distil_rows(csv_path: str | Path, targets: np.ndarray) -> tuple[ImageScoreDa
         raise ValueError(f"{csv_path}: distillation needs at least two rows with different scores")
     matched = targets.mean() + targets.std() * (values - values.mean()) / values.std()
     return ImageScoreDataset(paths, matched), matched.astype(np.float32)
+
+
+def distil_images(folders: Sequence[str | Path], stride: int = 1) -> list[str]:
+    """Every `stride`-th image (sorted) of each folder, searched recursively: the unlabelled distillation photos.
+
+    The photos in between are never trained on, so they can check agreement out of domain.
+    """
+    from resmemnet.jobs import scan_images  # the one folder scan (extensions, links, warnings)
+
+    paths: list[str] = []
+    for folder in folders:
+        folder = Path(folder).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(f"distil_dirs: {folder} is not a folder")
+        found = scan_images([folder], recursive=True).paths
+        if not found:
+            raise ValueError(f"distil_dirs: {folder} holds no images")
+        paths += [str(p) for p in found[::stride]]
+    return paths
+
+
+def tap_column(model: Any, tap: str) -> int:
+    """The pooled-feature column of a one-channel backbone tap (e.g. `resmem.score`, a teacher's score)."""
+    taps = list(model.backbone.taps)
+    if tap not in taps:
+        raise ValueError(f"distil_tap {tap!r} is not a tap of backbone {model.config.backbone!r}; "
+                         f"one-channel taps: {[t for t, c in zip(taps, model.tap_channels, strict=True) if c == 1]}")
+    index = taps.index(tap)
+    if model.tap_channels[index] != 1:
+        raise ValueError(f"distil_tap {tap!r} has {model.tap_channels[index]} channels; it must hold one score")
+    return int(sum(model.tap_channels[:index]))
+
+
+def teacher_targets(rows: Any, column: int, targets: np.ndarray) -> np.ndarray:
+    """The teacher's scores in `column` of cached rows, moment-matched to the human `targets` (like distil_rows).
+
+    Rows that failed to load get NaN; they are never trained on (rows.valid is False there).
+    """
+    valid = np.flatnonzero(rows.valid)
+    if valid.size < 2:
+        raise ValueError("distil_dirs: fewer than two distillation photos could be loaded")
+    teacher = rows.take(valid)[:, column].double().numpy()
+    if teacher.std() == 0:
+        raise ValueError("distil_tap gives the same score on every distillation photo")
+    out = np.full(len(rows), np.nan)
+    out[valid] = targets.mean() + targets.std() * (teacher - teacher.mean()) / teacher.std()
+    return out.astype(np.float32)
