@@ -47,6 +47,13 @@ def test_modules_with_heavy_work_defer_the_optional_libraries():
     assert loaded_after(code)["loaded"] == ["torch", "torchvision"]
 
 
+@pytest.mark.slow  # imports torch in a fresh interpreter
+def test_importing_a_submodule_does_not_hide_the_function_of_the_same_name():
+    code = ("import inspect\nfrom resmemnet.predict import predict\nimport resmemnet.explain\n"
+            "from resmemnet import explain, predict as p\nprint(inspect.isfunction(p), inspect.isfunction(explain))")
+    assert loaded_after(code)["out"].split() == ["True", "True"]
+
+
 def test_an_absurd_checkpoint_is_refused_before_torch_loads(tmp_path):
     bundled = Path(resmemnet.__file__).parent / "weights" / "resmemnet-lnsim-r152.safetensors"
     with safe_open(bundled, framework="pt") as f:

@@ -7,6 +7,8 @@ costs no torch, torchvision or Grad-CAM import until something needs them.
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -86,3 +88,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted({*globals(), *_EXPORTS})
+
+
+class _Package(types.ModuleType):
+    """`resmemnet.predict` and `resmemnet.explain` are functions that live in submodules of the same names.
+
+    Loading such a submodule (`from resmemnet.predict import predict`, anywhere) makes Python set the
+    package attribute to the submodule, which would then hide the function; this keeps the function.
+    """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, types.ModuleType) and _EXPORTS.get(name) == value.__name__:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

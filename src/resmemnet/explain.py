@@ -144,8 +144,8 @@ def explain(inputs: ExplainInput | Sequence[ExplainInput], model: ResMemNet | st
             except (ValueError, AttributeError) as exc:
                 if not cam.activations_and_grads.activations:
                     raise ValueError(f"Layer {layer or model.cam_layer!r} never ran in the forward pass (a container "
-                                     "whose blocks are called one by one?); pick a block that runs, e.g. "
-                                     f"backbone.net.{model.backbone.taps[-1]}") from exc
+                                     "whose blocks are called one by one?); pick a block that runs, e.g. the "
+                                     f"default {model.cam_layer}") from exc
                 raise ValueError(f"Cannot explain with layer {layer or model.cam_layer!r}: {exc}; "
                                  "pick a convolutional layer such as a backbone block") from exc
             scores = cam.outputs.detach().float().cpu().tolist()

@@ -12,13 +12,17 @@ from __future__ import annotations
 import csv
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from resmemnet.data import lnsim
 from resmemnet.data.base import ImageScoreDataset
 from resmemnet.metrics import mean_std, spearman
+
+if TYPE_CHECKING:  # annotations only: this module needs neither torch nor the model
+    from resmemnet.model.resmemnet import ResMemNet
+    from resmemnet.train.cache import CachedRows
 
 __all__ = ["distil_images", "distil_rows", "mean_targets", "split_half_matrices", "subject_split_test", "tap_column",
            "teacher_targets"]
@@ -104,7 +108,7 @@ def distil_images(folders: Sequence[str | Path], stride: int = 1) -> list[str]:
     return paths
 
 
-def tap_column(model: Any, tap: str) -> int:
+def tap_column(model: ResMemNet, tap: str) -> int:
     """The pooled-feature column of a one-channel backbone tap (e.g. `resmem.score`, a teacher's score)."""
     taps = list(model.backbone.taps)
     if tap not in taps:
@@ -116,7 +120,7 @@ def tap_column(model: Any, tap: str) -> int:
     return int(sum(model.tap_channels[:index]))
 
 
-def teacher_targets(rows: Any, column: int, targets: np.ndarray) -> np.ndarray:
+def teacher_targets(rows: CachedRows, column: int, targets: np.ndarray) -> np.ndarray:
     """The teacher's scores in `column` of cached rows, moment-matched to the human `targets` (like distil_rows).
 
     Rows that failed to load get NaN; they are never trained on (rows.valid is False there).
