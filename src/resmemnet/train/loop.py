@@ -378,16 +378,18 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
     data.cached_train = CachedRows.of(train_cache, kept)
     data.cached_val = (CachedRows.of(train_cache, held_out) if held_out is not None else
                        CachedRows.of(build_feature_cache(model, val_ds, cache_dir, **kwargs)))
+    human = data.train_targets  # distillation targets are matched to the human scores' scale
+    extras: list[tuple[CachedRows, np.ndarray]] = []
     if config.distil_csv:
-        extra, extra_targets = distil_rows(config.distil_csv, data.train_targets)
-        extra_cache = build_feature_cache(model, extra, cache_dir, views=views, **kwargs)
-        data.cached_train = data.cached_train.plus(CachedRows.of(extra_cache))
-        data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
+        extra, extra_targets = distil_rows(config.distil_csv, human)
+        extras.append((CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs)),
+                       extra_targets))
     if config.distil_dirs:
         paths = distil_images(config.distil_dirs, config.distil_stride)
         extra = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
         rows = CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs))
-        extra_targets = teacher_targets(rows, tap_column(model, config.distil_tap), data.train_targets)
+        extras.append((rows, teacher_targets(rows, tap_column(model, config.distil_tap), human)))
+    for rows, extra_targets in extras:
         data.cached_train = data.cached_train.plus(rows)
         data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
     if config.standardise:
@@ -622,13 +624,10 @@ def _end_epoch(run: _Run, phase_idx: int, epoch: int, global_epoch: int, cached:
 def _fit_closed_form(run: _Run) -> None:
     """A pooled-input head's one "epoch": fitted in closed form on the cached rows (resmemnet.train.ridge).
 
-    Deterministic given the cache, so a resumed run that stopped during the fit simply fits again.
+    Deterministic given the cache and writes no resume state: a resumed run simply fits again.
     """
     config, state, data = run.config, run.state, run.data
-    if state.phase >= 1:
-        return
     t0 = time.perf_counter()
-    report = None
     if run.dist.is_main:
         report = fit_linear_ensemble(run.model, data.cached_train, data.train_targets, labelled=len(data.train),
                                      distil_weight=config.distil_weight, alphas=config.ridge_alphas,

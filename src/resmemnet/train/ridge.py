@@ -78,7 +78,8 @@ def fit_linear_ensemble(model: ResMemNet, rows: CachedRows, targets: np.ndarray,
     if is_labelled.sum() < 10:
         raise ValueError(f"A ridge ensemble needs at least 10 labelled training images, got {int(is_labelled.sum())}")
     x = rows.take(valid).numpy()
-    y = np.log(np.clip(targets[valid], _EPS, 1 - _EPS) / (1 - np.clip(targets[valid], _EPS, 1 - _EPS)))
+    p = np.clip(targets[valid], _EPS, 1 - _EPS)
+    y = np.log(p / (1 - p))  # the logit
     w = np.where(is_labelled, 1.0, distil_weight)
     y_mean = float(np.average(y, weights=w))
 

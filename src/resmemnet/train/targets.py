@@ -59,6 +59,11 @@ def subject_split_test(info: dict[str, Any], paths: Sequence[str | Path], predic
     return {**mean_std(ours), "human": mean_std(human)["mean"], "per_split": ours}
 
 
+def _moment_matched(values: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Another model's scores with their ranking kept and the human targets' mean and standard deviation."""
+    return targets.mean() + targets.std() * (values - values.mean()) / values.std()
+
+
 def distil_rows(csv_path: str | Path, targets: np.ndarray) -> tuple[ImageScoreDataset, np.ndarray]:
     """Extra training images and their scores from a `path,score` CSV, moment-matched to `targets`.
 
@@ -85,7 +90,7 @@ def distil_rows(csv_path: str | Path, targets: np.ndarray) -> tuple[ImageScoreDa
     values = np.asarray(scores, dtype=np.float64)
     if values.size < 2 or values.std() == 0:
         raise ValueError(f"{csv_path}: distillation needs at least two rows with different scores")
-    matched = targets.mean() + targets.std() * (values - values.mean()) / values.std()
+    matched = _moment_matched(values, targets)
     return ImageScoreDataset(paths, matched), matched.astype(np.float32)
 
 
@@ -132,5 +137,5 @@ def teacher_targets(rows: CachedRows, column: int, targets: np.ndarray) -> np.nd
     if teacher.std() == 0:
         raise ValueError("distil_tap gives the same score on every distillation photo")
     out = np.full(len(rows), np.nan)
-    out[valid] = targets.mean() + targets.std() * (teacher - teacher.mean()) / teacher.std()
+    out[valid] = _moment_matched(teacher, targets)
     return out.astype(np.float32)
