@@ -176,6 +176,8 @@ def main() -> None:
     if onnx is not None:
         rows["resmemnet onnxruntime"] = [*predict, "-o", str(out / "onnx.csv"), "--backend", "onnxruntime", "--onnx",
                                          str(onnx), *common]
+    for name in ("resmem", "fp32", "bf16", "onnx"):  # `predict` resumes from an existing CSV: start afresh
+        (out / f"{name}.csv").unlink(missing_ok=True)
     results = {}
     for name, child_args in rows.items():
         results[name] = _run_child(child_args)

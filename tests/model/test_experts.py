@@ -56,9 +56,10 @@ def test_an_ensemble_on_the_experts_round_trips_and_explains_with_one_view(tmp_p
     from resmemnet.explain import explain
 
     torch.manual_seed(0)
-    model = ResMemNet(ModelConfig(backbone="resmem-experts", head="linear-ensemble", members=3),
-                      preprocessing=get_weights("resmem-experts").preprocessing).eval()
-    torch.nn.init.normal_(model.head.fc.weight, std=1e-3)
+    model = ResMemNet(ModelConfig(backbone="resmem-experts", head="gated-ensemble", members=3),
+                      preprocessing=get_weights("resmem-experts").preprocessing).eval()  # resmemnet-large's head
+    for layer in (model.head.fc, model.head.fallback, model.head.gate):
+        torch.nn.init.normal_(layer.weight, std=1e-3)
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "e.safetensors"))
     x = torch.rand(1, 3, INPUT_SIDE, INPUT_SIDE)
     with torch.no_grad():

@@ -160,3 +160,85 @@ def test_a_linear_ensemble_trains_with_resmemnet_train_and_predicts_a_spread(tin
     scores, spread = predict(tiny_split.test.paths, model, return_std=True)
     assert np.isfinite(scores).all() and (spread > 0).all() and (spread < 0.2).all()
     np.testing.assert_allclose(scores, predict(tiny_split.test.paths, model), rtol=1e-6)
+
+
+def _gated(members: int = 4) -> ResMemNet:
+    model = ResMemNet(ModelConfig(backbone="mobilenet_v3_large", head="gated-ensemble", members=members))
+    model.backbone.tap_groups = ["signal"] * 8 + ["noise"] * (len(model.tap_channels) - 8)
+    return model
+
+
+def test_a_gated_head_scores_training_like_photos_with_its_experts_and_other_photos_with_the_fallback():
+    """Other photos differ from the training images in the `noise` taps: the gate must tell them apart, the
+    head must compute g * fc + (1 - g) * fallback, and the in-domain read-out must still rank the truth."""
+    model = _gated()
+    x, y, truth = _data(model, n=260)
+    noise = group_columns(model)["noise"]
+    others = np.random.default_rng(5).normal(size=(200, x.shape[1])) * x.std(0)
+    others[:, noise[:50]] += 3 * x[:, noise[:50]].std(0)  # a shift the gate can see
+    report = fit_linear_ensemble(model, _rows(x[:200]), y[:200], labelled=200, alphas=ALPHAS, groups=["signal"],
+                                 fallback_groups=["signal", "noise"], gate_rows=_rows(others[:100]),
+                                 gate_groups=["noise"])
+    assert report["gate"]["photos"] == 100 and report["fallback"]["groups"]["noise"]["features"] == len(noise)
+    assert list(report["groups"]) == ["signal"]
+    head = model.head
+    with torch.no_grad():
+        for rows, expect_in_domain in ((x[200:], True), (others[100:], False)):
+            t = torch.from_numpy(rows).float()
+            g = torch.sigmoid(head.gate(t))
+            torch.testing.assert_close(head(t), g * head.fc(t) + (1 - g) * head.fallback(t))
+            assert (g.mean() > 0.9) if expect_in_domain else (g.mean() < 0.1)
+        pred = model.forward_pooled(torch.from_numpy(x[200:]).float()).numpy()
+    assert np.corrcoef(pred, truth[200:])[0, 1] > 0.5
+
+
+def test_calibration_rescales_both_read_outs_of_a_gated_head():
+    from resmemnet.train.head import calibrate
+
+    model = _gated(members=2)
+    x, y, _ = _data(model, n=120)
+    others = np.random.default_rng(2).normal(size=(50, x.shape[1])) * x.std(0) + 3 * x.std(0)
+    fit_linear_ensemble(model, _rows(x), y, labelled=120, alphas=ALPHAS, groups=["signal"],
+                        fallback_groups=["signal", "noise"], gate_rows=_rows(others), gate_groups=["noise"])
+    t = torch.from_numpy(np.r_[x[:10], others[:10]]).float()
+    with torch.no_grad():
+        before = model.head(t)
+        report = calibrate(model, model.forward_pooled(torch.from_numpy(x).float()).numpy(), 0.5 + 0.5 * (y - 0.5))
+        after = model.head(t)
+    torch.testing.assert_close(after, report["slope"] * before + report["intercept"], rtol=1e-4, atol=1e-4)
+
+
+def test_a_gated_head_refuses_a_half_given_setup():
+    gated, plain = _gated(), _model()
+    x, y, _ = _data(plain, n=40)
+    with pytest.raises(ValueError, match="needs fallback_groups, gate_groups and gate photos"):
+        fit_linear_ensemble(gated, _rows(x), y, labelled=40, groups=["signal"], fallback_groups=["noise"])
+    with pytest.raises(ValueError, match="need head 'gated-ensemble', not 'linear-ensemble'"):
+        fit_linear_ensemble(plain, _rows(x), y, labelled=40, fallback_groups=["noise"])
+    with pytest.raises(ValueError, match=r"gate_groups \['colour'\] are not tap groups"):
+        fit_linear_ensemble(gated, _rows(x), y, labelled=40, fallback_groups=["noise"], gate_rows=_rows(x),
+                            gate_groups=["colour"])
+    with pytest.raises(ValueError, match="at least 10 readable photos in gate_dirs"):
+        fit_linear_ensemble(gated, _rows(x), y, labelled=40, fallback_groups=["noise"], gate_rows=_rows(x[:3]),
+                            gate_groups=["noise"])
+
+
+def test_a_gated_ensemble_trains_with_resmemnet_train_from_gate_folders(tiny_split, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "other photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):  # flat colours: nothing like the synthetic training images
+        Image.new("RGB", (32, 32), tuple(int(v) for v in rng.integers(0, 256, 3))).save(folder / f"{i}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")  # skipped and reported, not fatal
+    config = tiny_config("model.head='gated-ensemble'", "model.members=3", "augment='none'", "calibrate=true",
+                         "phases=[{epochs=1, lr_min=1e-3, lr_max=1e-3, frozen=true}]", "fallback_groups=['all']",
+                         "gate_groups=['all']", f"gate_dirs=['{folder}']")
+    result = train(config, tiny_split, tmp_path / "run")
+    gate = read_metadata(result.best_checkpoint)["fit"]["gate"]
+    assert gate["photos"] == 12 and gate["mean_gate"]["training_images"] > gate["mean_gate"]["gate_photos"]
+    model = load_checkpoint(result.best_checkpoint)
+    assert model.config.head == "gated-ensemble"
+    scores, spread = predict(tiny_split.test.paths, model, return_std=True)
+    assert np.isfinite(scores).all() and (spread > 0).all()

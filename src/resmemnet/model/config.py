@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["MAX_DIM", "MAX_MEMBERS", "OUTPUTS", "ModelConfig"]
+__all__ = ["ENSEMBLE_HEADS", "MAX_DIM", "MAX_MEMBERS", "OUTPUTS", "ModelConfig"]
 
 OUTPUTS = ("sigmoid", "identity")
 MAX_DIM = 4096  # proj_dim / hidden_dim above this are damaged or hostile configs, not models
-MAX_MEMBERS = 256  # ensemble read-outs (head "linear-ensemble")
+MAX_MEMBERS = 256  # ensemble read-outs (ENSEMBLE_HEADS)
+ENSEMBLE_HEADS = ("linear-ensemble", "gated-ensemble")  # pooled-input heads fitted in closed form
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class ModelConfig:
     peephole: bool = False
     output: str = "sigmoid"
     backbone_weights: str | None = None
-    members: int = 1  # ensemble members (head "linear-ensemble"): the score is their mean, score_std their spread
+    members: int = 1  # ensemble members (an ensemble head): the score is their mean, score_std their spread
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUTS:
@@ -45,8 +46,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be an integer in 1..{MAX_DIM}, got {value!r}")
         if isinstance(self.members, bool) or not isinstance(self.members, int) or not 1 <= self.members <= MAX_MEMBERS:
             raise ValueError(f"members must be an integer in 1..{MAX_MEMBERS}, got {self.members!r}")
-        if self.members > 1 and self.head != "linear-ensemble":
-            raise ValueError(f"members > 1 needs head='linear-ensemble', not {self.head!r}")
+        if self.members > 1 and self.head not in ENSEMBLE_HEADS:
+            raise ValueError(f"members > 1 needs head 'linear-ensemble' or 'gated-ensemble', not {self.head!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.peephole and self.head != "lstm":

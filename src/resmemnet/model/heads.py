@@ -7,7 +7,10 @@ Every head takes a (batch, taps, dim) tensor and returns a (batch,) tensor. The 
 `linear-ensemble` (a `POOLED_HEADS` member) reads the pooled taps themselves, with no projection:
 (batch, sum(channels)) -> (batch, members), one linear read-out per ensemble member. It is fitted in
 closed form (ridge regression per expert group, bootstrap members: resmemnet.train.ridge), and the
-spread of its members is the score's uncertainty.
+spread of its members is the score's uncertainty. `gated-ensemble` adds a second set of read-outs, the
+fallback, and a gate: a logistic read-out that says how much a photo looks like the training photos.
+The score is gate * in-domain + (1 - gate) * fallback, so photos unlike the training set lean on
+experts that keep the trunk's general knowledge (resmemnet-large: LNSIM's outdoor scenes vs the rest).
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import math
 import torch
 from torch import nn
 
+from resmemnet.model.config import ENSEMBLE_HEADS
 from resmemnet.model.registry import Registry
 
-__all__ = ["HEADS", "POOLED_HEADS", "LinearEnsemble", "PeepholeLSTM", "create_head"]
+__all__ = ["HEADS", "POOLED_HEADS", "GatedEnsemble", "LinearEnsemble", "PeepholeLSTM", "create_head"]
 
 HEADS: Registry[nn.Module] = Registry("head")
-POOLED_HEADS = frozenset({"linear-ensemble"})  # heads that read the pooled taps, not a projected sequence
+POOLED_HEADS = frozenset(ENSEMBLE_HEADS)  # heads that read the pooled taps, not a projected sequence
 
 
 def create_head(name: str, *, in_dim: int, seq_len: int, hidden_dim: int, dropout: float, peephole: bool,
@@ -145,6 +149,29 @@ class LinearEnsemble(nn.Module):
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.fc(pooled)
 
+    def readouts(self) -> list[nn.Linear]:
+        """The layers whose outputs are member logits (calibration rescales each of them the same way)."""
+        return [self.fc]
+
+
+class GatedEnsemble(LinearEnsemble):
+    """In-domain and fallback read-outs mixed by a gate: g * fc(x) + (1 - g) * fallback(x), g = sigmoid(gate(x))."""
+
+    def __init__(self, in_dim: int, members: int):
+        super().__init__(in_dim, members)
+        self.fallback = nn.Linear(in_dim, members)
+        self.gate = nn.Linear(in_dim, 1)
+        for layer in (self.fallback, self.gate):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(pooled))
+        return g * self.fc(pooled) + (1 - g) * self.fallback(pooled)
+
+    def readouts(self) -> list[nn.Linear]:
+        return [self.fc, self.fallback]
+
 
 @HEADS.register("lstm")
 def lstm(*, in_dim: int, hidden_dim: int, dropout: float, peephole: bool = False, **_: object) -> nn.Module:
@@ -169,3 +196,8 @@ def last(*, in_dim: int, dropout: float, **_: object) -> nn.Module:
 @HEADS.register("linear-ensemble")
 def linear_ensemble(*, in_dim: int, members: int, **_: object) -> nn.Module:
     return LinearEnsemble(in_dim, members)
+
+
+@HEADS.register("gated-ensemble")
+def gated_ensemble(*, in_dim: int, members: int, **_: object) -> nn.Module:
+    return GatedEnsemble(in_dim, members)

@@ -115,7 +115,7 @@ class TrainConfig(BaseModel):
     standardise: StrictBool = False  # train on (taps - mean) / std of the train taps; folded into the 1x1 convs
     target: Literal["split", "mean"] = "split"  # "mean": every participant's mean score (split-half datasets)
     test_protocol: Literal["split", "every_subject_split"] = "split"  # the latter: mean rho vs half-2 of each
-    calibrate: StrictBool = False  # fit sigmoid(a * logit + c) on validation, folded into head.fc
+    calibrate: StrictBool = False  # fit sigmoid(a * logit + c) on validation, folded into the head
     head_dtype: Literal["float32", "float16"] = "float32"  # storage of projection + head in the final best file
     distil_csv: StrictStr = ""  # path,score CSV of extra (unlabelled) training images, e.g. resmem's scores
     distil_dirs: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # unlabelled folders
@@ -123,6 +123,11 @@ class TrainConfig(BaseModel):
     distil_tap: StrictStr = ""  # the backbone tap whose value is the teacher's score, e.g. "resmem.score"
     distil_weight: Annotated[Float, Field(gt=0, le=100)] = 1.0  # a distillation row's weight (ridge heads)
     ensemble_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # () = every group
+    fallback_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # gated-ensemble
+    gate_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # the gate's features
+    gate_dirs: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # photos unlike the train set
+    gate_stride: Annotated[StrictInt, Field(ge=1, le=1000)] = 1  # every Nth photo of each gate folder (sorted)
+    gate_c: Annotated[Float, Field(gt=0, le=1e6)] = 0.01  # the gate's inverse L2 penalty (logistic regression)
     ridge_alphas: Annotated[tuple[Annotated[Float, Field(gt=0, le=1e12)], ...],
                             Field(min_length=1, max_length=100, strict=False)] = DEFAULT_ALPHAS
     name: StrictStr = ""  # the model's name, written into its checkpoints' metadata
@@ -157,7 +162,14 @@ class TrainConfig(BaseModel):
                 raise ValueError(f"head {self.model.head!r} is fitted in closed form on cached features: give one "
                                  "frozen phase of 1 epoch, cache_features=true, standardise=false, augment='none'")
         elif self.ensemble_groups:
-            raise ValueError(f"ensemble_groups needs head 'linear-ensemble', not {self.model.head!r}")
+            raise ValueError(f"ensemble_groups needs an ensemble head, not {self.model.head!r}")
+        gate_options = [bool(self.fallback_groups), bool(self.gate_groups), bool(self.gate_dirs)]
+        if self.model.head == "gated-ensemble" and not all(gate_options):
+            raise ValueError("head 'gated-ensemble' needs fallback_groups, gate_groups and gate_dirs (folders of "
+                             "photos unlike the training images, for its gate)")
+        if self.model.head != "gated-ensemble" and any(gate_options):
+            raise ValueError(f"fallback_groups, gate_groups and gate_dirs need head 'gated-ensemble', "
+                             f"not {self.model.head!r}")
         if self.calibrate and self.model.output != "sigmoid":
             raise ValueError("calibrate=true needs model.output='sigmoid'")
         names = [c.name for c in self.candidates]

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from resmemnet.model.heads import LinearEnsemble
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.train.cache import CachedRows
 
@@ -86,7 +87,7 @@ def folded(model: ResMemNet, standardiser: Standardiser | None) -> Iterator[ResM
 
 
 def calibrate(model: ResMemNet, predictions: np.ndarray, targets: np.ndarray) -> dict[str, float]:
-    """Fit sigmoid(a * logit(p) + c) to `targets` by least squares (LBFGS) and fold a, c into head.fc."""
+    """Fit sigmoid(a * logit(p) + c) to `targets` by least squares (LBFGS) and fold a, c into the head's read-outs."""
     raw = torch.logit(torch.from_numpy(np.asarray(predictions)).double(), eps=1e-6)
     target = torch.from_numpy(np.asarray(targets)).double()
     a = torch.ones((), dtype=torch.float64, requires_grad=True)
@@ -104,9 +105,10 @@ def calibrate(model: ResMemNet, predictions: np.ndarray, targets: np.ndarray) ->
     if not slope > 0:
         raise ValueError(f"calibration slope {slope:.3f} is not positive: the head ranks validation images "
                          "backwards; train longer or set calibrate=false")
-    fc = model.head.fc
+    readouts = model.head.readouts() if isinstance(model.head, LinearEnsemble) else [model.head.fc]
     with torch.no_grad():
-        fc.weight.mul_(slope)
-        fc.bias.mul_(slope).add_(intercept)
-    return {"method": "sigmoid(a * logit + c) fitted on the validation images, folded into head.fc",
+        for fc in readouts:  # a gated head mixes its read-outs with weights that sum to 1: scale each alike
+            fc.weight.mul_(slope)
+            fc.bias.mul_(slope).add_(intercept)
+    return {"method": "sigmoid(a * logit + c) fitted on the validation images, folded into the head's read-outs",
             "slope": slope, "intercept": intercept, "images": int(target.numel())}

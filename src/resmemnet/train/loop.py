@@ -310,6 +310,7 @@ class _Data:
     cached_train: CachedRows | None = None  # train images (+ distillation rows), views as the augmentation needs
     cached_val: CachedRows | None = None
     standardiser: Standardiser | None = None
+    cached_gate: CachedRows | None = None  # photos unlike the train images, for a gated head's gate
 
 
 @dataclass
@@ -389,6 +390,10 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
         extra = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
         rows = CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs))
         extras.append((rows, teacher_targets(rows, tap_column(model, config.distil_tap), human)))
+    if config.gate_dirs:
+        paths = distil_images(config.gate_dirs, config.gate_stride, "gate_dirs")
+        gate = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
+        data.cached_gate = CachedRows.of(build_feature_cache(model, gate, cache_dir, **kwargs))
     for rows, extra_targets in extras:
         data.cached_train = data.cached_train.plus(rows)
         data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
@@ -631,7 +636,9 @@ def _fit_closed_form(run: _Run) -> None:
     if run.dist.is_main:
         report = fit_linear_ensemble(run.model, data.cached_train, data.train_targets, labelled=len(data.train),
                                      distil_weight=config.distil_weight, alphas=config.ridge_alphas,
-                                     groups=config.ensemble_groups, seed=config.seed)
+                                     groups=config.ensemble_groups, seed=config.seed,
+                                     fallback_groups=config.fallback_groups, gate_rows=data.cached_gate,
+                                     gate_groups=config.gate_groups, gate_c=config.gate_c)
         if not _finite_weights(run.model):
             raise _diverged(run, "the closed-form fit gave non-finite weights")
         val, _ = evaluate(run.model, data.cached_val, data.val_targets, batch_size=2 * config.batch_size,

@@ -1,4 +1,4 @@
-"""Closed-form training of the `linear-ensemble` head: one ridge regression per expert group, bootstrap members.
+"""Closed-form training of the ensemble heads: one ridge regression per expert group, bootstrap members.
 
 On LNSIM, a linear read-out of frozen trunk features beats the paper's LSTM head trained on the same
 features, and averaging separately fitted experts beats one ridge on their concatenation, because
@@ -14,18 +14,24 @@ cached pooled taps of the training rows (labelled images, then any distillation 
 5. Members: the same fit on `members` seeded bootstrap resamples of the rows, penalties fixed; their
    spread is the score's uncertainty.
 6. Fold all of it into the head's one Linear(sum(channels), members): the checkpoint is a plain model.
+
+A `gated-ensemble` head gets a second read-out (the fallback: other expert groups, fitted the same way)
+and a gate, a logistic regression that tells the labelled images from other photos (`gate_dirs`). On
+LNSIM the gate lets the best in-domain experts score outdoor scenes while photos of other kinds lean on
+experts that keep resmem's general knowledge (MODEL_CARD.md has the validation numbers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from resmemnet.metrics import spearman
+from resmemnet.model.heads import GatedEnsemble
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.train.cache import CachedRows
 
@@ -56,23 +62,39 @@ class _Expert:
     features: np.ndarray  # the training rows' standardised features (float32)
     gram: np.ndarray  # features @ features.T (float64)
     alpha: float = 0.0
+    loo: np.ndarray = field(default_factory=lambda: np.empty(0))  # leave-one-out predictions, labelled rows
     scale: float = 1.0
     loo_rho: float = float("nan")
 
 
 def fit_linear_ensemble(model: ResMemNet, rows: CachedRows, targets: np.ndarray, *, labelled: int,
                         distil_weight: float = 1.0, alphas: Sequence[float] = DEFAULT_ALPHAS,
-                        groups: Sequence[str] = (), seed: int = 0) -> dict[str, Any]:
-    """Fit `model.head` (a LinearEnsemble) in place on `rows` (the first `labelled` are human-scored).
+                        groups: Sequence[str] = (), seed: int = 0, fallback_groups: Sequence[str] = (),
+                        gate_rows: CachedRows | None = None, gate_groups: Sequence[str] = (),
+                        gate_c: float = 0.01) -> dict[str, Any]:
+    """Fit `model.head` (a LinearEnsemble or GatedEnsemble) in place on `rows` (the first `labelled` are human-scored).
 
+    A GatedEnsemble also needs `fallback_groups` (its second read-out, fitted the same way on the same rows)
+    and `gate_rows`: photos unlike the training images, which its gate learns to tell from the labelled
+    rows by logistic regression (penalty 1/gate_c) on the `gate_groups` features.
     Returns what was chosen (per group: penalty, leave-one-out rho, scale) for the checkpoint metadata.
     """
     available = group_columns(model)
+    gated = isinstance(model.head, GatedEnsemble)
     chosen = list(groups) or list(available)
-    unknown = sorted(set(chosen) - set(available))
-    if unknown:
-        raise ValueError(f"ensemble_groups {unknown} are not tap groups of backbone {model.config.backbone!r}; "
-                         f"it has {sorted(available)}")
+    named = {"ensemble_groups": chosen, "fallback_groups": list(fallback_groups), "gate_groups": list(gate_groups)}
+    for option, names in named.items():
+        unknown = sorted(set(names) - set(available))
+        if unknown:
+            raise ValueError(f"{option} {unknown} are not tap groups of backbone {model.config.backbone!r}; "
+                             f"it has {sorted(available)}")
+    if gated and not (fallback_groups and gate_groups and gate_rows is not None):
+        raise ValueError("head 'gated-ensemble' needs fallback_groups, gate_groups and gate photos (gate_dirs)")
+    if gate_rows is not None and gate_rows.valid.sum() < 10:
+        raise ValueError(f"The gate needs at least 10 readable photos in gate_dirs, got {int(gate_rows.valid.sum())}")
+    if not gated and (fallback_groups or gate_groups or gate_rows is not None):
+        raise ValueError(f"fallback_groups, gate_groups and gate photos need head 'gated-ensemble', "
+                         f"not {model.config.head!r}")
     valid = np.flatnonzero(rows.valid)
     is_labelled = valid < labelled
     if is_labelled.sum() < 10:
@@ -81,44 +103,85 @@ def fit_linear_ensemble(model: ResMemNet, rows: CachedRows, targets: np.ndarray,
     p = np.clip(targets[valid], _EPS, 1 - _EPS)
     y = np.log(p / (1 - p))  # the logit
     w = np.where(is_labelled, 1.0, distil_weight)
-    y_mean = float(np.average(y, weights=w))
+    experts: dict[str, _Expert] = {}  # standardised once, shared by both read-outs of a gated head
+    for name in dict.fromkeys([*chosen, *fallback_groups]):
+        experts[name] = _standardised(name, available[name], x, w)
+        _choose_alpha(experts[name], y - np.average(y, weights=w), w, is_labelled, alphas)
+    fit = _Readout(experts, y, w, is_labelled, model.config.members, seed)
+    report: dict[str, Any] = {
+        "method": "per-group ridge (leave-one-out penalty), groups averaged after scaling, bootstrap members",
+        **fit.into(model.head.fc, chosen),
+        "rows": {"labelled": int(is_labelled.sum()), "distillation": int((~is_labelled).sum()),
+                 "distil_weight": distil_weight},
+        "members": model.config.members, "seed": seed}
+    if gated:
+        assert gate_rows is not None
+        report["fallback"] = fit.into(model.head.fallback, list(fallback_groups))
+        report["gate"] = _fit_gate(model.head.gate, x[is_labelled], gate_rows,
+                                   np.concatenate([available[g] for g in gate_groups]), gate_c)
+    return report
 
-    experts = [_standardised(name, available[name], x, w) for name in chosen]
-    loo = []
-    for expert in experts:
-        prediction = _choose_alpha(expert, y - y_mean, w, is_labelled, alphas)
-        expert.scale = float(prediction.std()) or 1.0
-        expert.loo_rho = spearman(prediction, y[is_labelled])
-        loo.append(prediction / expert.scale)
-    combined = np.mean(loo, axis=0)
-    slope, intercept = np.polyfit(combined, y[is_labelled] - y_mean, 1)
-    if not slope > 0:
-        raise ValueError("The experts' average ranks the training images backwards (slope "
-                         f"{slope:.3g}); check the targets and the tap groups")
 
-    members = model.config.members
-    weight = np.zeros((members, x.shape[1]))
-    bias = np.full(members, y_mean + intercept)
-    for k in range(members):
-        counts = np.bincount(np.random.default_rng([seed, k]).integers(0, len(valid), len(valid)),
-                             minlength=len(valid))
-        for expert in experts:
-            beta, offset = _member(expert, y, w * counts)
-            factor = slope / (len(experts) * expert.scale)
-            weight[k, expert.columns] = factor * beta / expert.std
-            bias[k] += factor * (offset - beta @ (expert.mean / expert.std) - y_mean)
-    fc = model.head.fc
+@dataclass
+class _Readout:
+    """Fits one read-out (a Linear with one output per member) as the average of some of the experts."""
+
+    experts: dict[str, _Expert]
+    y: np.ndarray
+    w: np.ndarray
+    is_labelled: np.ndarray
+    members: int
+    seed: int
+
+    def into(self, fc: torch.nn.Linear, names: Sequence[str]) -> dict[str, Any]:
+        y, w, is_labelled = self.y, self.w, self.is_labelled
+        y_mean = float(np.average(y, weights=w))
+        experts = [self.experts[name] for name in names]
+        combined = np.mean([e.loo / e.scale for e in experts], axis=0)
+        slope, intercept = np.polyfit(combined, y[is_labelled] - y_mean, 1)
+        if not slope > 0:
+            raise ValueError("The experts' average ranks the training images backwards (slope "
+                             f"{slope:.3g}); check the targets and the tap groups")
+        weight = np.zeros((self.members, fc.in_features))
+        bias = np.full(self.members, y_mean + intercept)
+        for k in range(self.members):
+            counts = np.bincount(np.random.default_rng([self.seed, k]).integers(0, len(w), len(w)), minlength=len(w))
+            for expert in experts:
+                beta, offset = _member(expert, y, w * counts)
+                factor = slope / (len(experts) * expert.scale)
+                weight[k, expert.columns] = factor * beta / expert.std
+                bias[k] += factor * (offset - beta @ (expert.mean / expert.std) - y_mean)
+        with torch.no_grad():
+            fc.weight.copy_(torch.from_numpy(weight).to(fc.weight))
+            fc.bias.copy_(torch.from_numpy(bias).to(fc.bias))
+        return {"groups": {e.name: {"alpha": e.alpha, "loo_spearman": round(e.loo_rho, 4), "features": len(e.columns),
+                                    "scale": e.scale} for e in experts},
+                "leave_one_out_spearman": round(spearman(combined, y[is_labelled]), 4),
+                "logit_map": {"centre": y_mean, "slope": float(slope), "intercept": float(intercept)}}
+
+
+def _fit_gate(gate: torch.nn.Linear, labelled: np.ndarray, others: CachedRows, columns: np.ndarray,
+              c: float) -> dict[str, Any]:
+    """Logistic regression, labelled rows (1) against the other photos (0), classes balanced; folded into `gate`."""
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError as e:
+        raise ImportError("head 'gated-ensemble' needs scikit-learn: pip install 'resmemnet[train]'") from e
+    negatives = others.take(np.flatnonzero(others.valid)).numpy()[:, columns]
+    z = np.concatenate([labelled[:, columns], negatives]).astype(np.float64)
+    label = np.r_[np.ones(len(labelled)), np.zeros(len(negatives))]
+    mean, std = z.mean(axis=0), z.std(axis=0) + _EPS
+    clf = LogisticRegression(C=c, class_weight="balanced", max_iter=5000).fit((z - mean) / std, label)
+    coef = clf.coef_[0] / std
+    weight = np.zeros(gate.in_features)
+    weight[columns] = coef
     with torch.no_grad():
-        fc.weight.copy_(torch.from_numpy(weight).to(fc.weight))
-        fc.bias.copy_(torch.from_numpy(bias).to(fc.bias))
-    return {"method": "per-group ridge (leave-one-out penalty), groups averaged after scaling, bootstrap members",
-            "groups": {e.name: {"alpha": e.alpha, "loo_spearman": round(e.loo_rho, 4), "features": len(e.columns),
-                                "scale": e.scale} for e in experts},
-            "leave_one_out_spearman": round(spearman(combined, y[is_labelled]), 4),
-            "logit_map": {"centre": y_mean, "slope": float(slope), "intercept": float(intercept)},
-            "rows": {"labelled": int(is_labelled.sum()), "distillation": int((~is_labelled).sum()),
-                     "distil_weight": distil_weight},
-            "members": members, "seed": seed}
+        gate.weight.copy_(torch.from_numpy(weight[None]).to(gate.weight))
+        gate.bias.fill_(float(clf.intercept_[0] - coef @ mean))
+    g = clf.predict_proba((z - mean) / std)[:, 1]
+    return {"method": "logistic regression, training images vs gate photos, balanced classes", "c": c,
+            "features": len(columns), "photos": len(negatives),
+            "mean_gate": {"training_images": float(g[label == 1].mean()), "gate_photos": float(g[label == 0].mean())}}
 
 
 def _standardised(name: str, columns: np.ndarray, x: np.ndarray, w: np.ndarray) -> _Expert:
@@ -130,8 +193,8 @@ def _standardised(name: str, columns: np.ndarray, x: np.ndarray, w: np.ndarray) 
 
 
 def _choose_alpha(expert: _Expert, centred: np.ndarray, w: np.ndarray, is_labelled: np.ndarray,
-                  alphas: Sequence[float]) -> np.ndarray:
-    """Set expert.alpha by leave-one-out error on the labelled rows; returns their leave-one-out predictions."""
+                  alphas: Sequence[float]) -> None:
+    """Set expert.alpha by leave-one-out error on the labelled rows, and its leave-one-out predictions there."""
     root = np.sqrt(w)
     lam, vec = np.linalg.eigh(root[:, None] * expert.gram * root[None, :])
     lam = np.clip(lam, 0, None)
@@ -146,8 +209,9 @@ def _choose_alpha(expert: _Expert, centred: np.ndarray, w: np.ndarray, is_labell
         if best is None or error < best[0]:
             best = (error, alpha, (b - residual)[is_labelled])
     assert best is not None
-    expert.alpha = best[1]
-    return best[2]
+    expert.alpha, expert.loo = best[1], best[2]
+    expert.scale = float(expert.loo.std()) or 1.0
+    expert.loo_rho = spearman(expert.loo, centred[is_labelled])
 
 
 def _member(expert: _Expert, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:

@@ -94,10 +94,11 @@ def distil_rows(csv_path: str | Path, targets: np.ndarray) -> tuple[ImageScoreDa
     return ImageScoreDataset(paths, matched), matched.astype(np.float32)
 
 
-def distil_images(folders: Sequence[str | Path], stride: int = 1) -> list[str]:
-    """Every `stride`-th image (sorted) of each folder, searched recursively: the unlabelled distillation photos.
+def distil_images(folders: Sequence[str | Path], stride: int = 1, option: str = "distil_dirs") -> list[str]:
+    """Every `stride`-th image (sorted) of each folder, searched recursively: unlabelled photos to train on.
 
-    The photos in between are never trained on, so they can check agreement out of domain.
+    The photos in between are never trained on, so they can check agreement out of domain. `option`
+    names the config key in errors (distil_dirs, gate_dirs).
     """
     from resmemnet.jobs import scan_images  # the one folder scan (extensions, links, warnings)
 
@@ -105,10 +106,10 @@ def distil_images(folders: Sequence[str | Path], stride: int = 1) -> list[str]:
     for folder in folders:
         folder = Path(folder).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(f"distil_dirs: {folder} is not a folder")
+            raise FileNotFoundError(f"{option}: {folder} is not a folder")
         found = scan_images([folder], recursive=True).paths
         if not found:
-            raise ValueError(f"distil_dirs: {folder} holds no images")
+            raise ValueError(f"{option}: {folder} holds no images")
         paths += [str(p) for p in found[::stride]]
     return paths
 
