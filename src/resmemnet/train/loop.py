@@ -25,7 +25,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -385,15 +385,17 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
         extra, extra_targets = distil_rows(config.distil_csv, human)
         extras.append((CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs)),
                        extra_targets))
+    def photo_rows(folders: Sequence[str], stride: int, option: str, views: int = 1) -> CachedRows:
+        """Cached taps of every `stride`-th unlabelled photo in `folders` (`option` names them in errors)."""
+        paths = distil_images(folders, stride, option)
+        photos = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
+        return CachedRows.of(build_feature_cache(model, photos, cache_dir, views=views, **kwargs))
+
     if config.distil_dirs:
-        paths = distil_images(config.distil_dirs, config.distil_stride)
-        extra = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
-        rows = CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs))
+        rows = photo_rows(config.distil_dirs, config.distil_stride, "distil_dirs", views)
         extras.append((rows, teacher_targets(rows, tap_column(model, config.distil_tap), human)))
     if config.gate_dirs:
-        paths = distil_images(config.gate_dirs, config.gate_stride, "gate_dirs")
-        gate = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
-        data.cached_gate = CachedRows.of(build_feature_cache(model, gate, cache_dir, **kwargs))
+        data.cached_gate = photo_rows(config.gate_dirs, config.gate_stride, "gate_dirs")
     for rows, extra_targets in extras:
         data.cached_train = data.cached_train.plus(rows)
         data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
