@@ -45,3 +45,15 @@ def test_two_gloo_processes_train_like_one_process_with_twice_the_batch(syn_root
     assert load_checkpoint(tmp_path / "ddp" / "last.safetensors").metadata["epoch"] == 3
     assert sorted(p.name for p in (tmp_path / "ddp").glob("*.safetensors")) == [
         "best.safetensors", "last.safetensors", "resume.safetensors"]
+
+
+def test_shutdown_leaves_the_process_group(tmp_path):
+    import torch.distributed as dist
+
+    from resmemnet.train.ddp import shutdown_distributed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.is_initialized()
+    shutdown_distributed()
+    assert not dist.is_initialized()
+    shutdown_distributed()  # a second call (or one without a group) is a no-op

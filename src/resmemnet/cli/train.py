@@ -51,6 +51,15 @@ def command_line(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from resmemnet.train.ddp import shutdown_distributed
+
+    try:
+        return _train(args)
+    finally:
+        shutdown_distributed()
+
+
+def _train(args: argparse.Namespace) -> int:
     from resmemnet.data import load_split, num_splits
     from resmemnet.train.config import load_config
     from resmemnet.train.loop import train

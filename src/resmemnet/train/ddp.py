@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["Distributed", "init_distributed"]
+__all__ = ["Distributed", "init_distributed", "shutdown_distributed"]
 
 
 @dataclass(frozen=True)
@@ -62,3 +62,9 @@ def init_distributed(device_type: str) -> Distributed:
         # Rank 0 alone builds feature caches and evaluates while the others wait: allow hours, not minutes.
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timedelta(hours=3))
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group once the process's work is done: left open, gloo's threads can abort the exit."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
