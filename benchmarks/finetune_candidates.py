@@ -59,15 +59,12 @@ def layer3_maps(net: torchvision.models.ResNet, loader: torch.utils.data.DataLoa
     return torch.cat(out)
 
 
-def pooled(layer4: torch.nn.Module, maps: torch.Tensor) -> torch.Tensor:
-    """Mirror-averaged global-average-pooled layer4 output of (n, 2, C, H, W) maps."""
-    return layer4(maps.flatten(0, 1).float()).mean((2, 3)).unflatten(0, (len(maps), 2)).mean(1)
-
-
-def predict(layer4: torch.nn.Module, head: torch.nn.Linear, maps: torch.Tensor, batch: int = 64) -> np.ndarray:
+def pooled(layer4: torch.nn.Module, maps: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """Mirror-averaged global-average-pooled layer4 output of (n, 2, C, H, W) maps, in eval mode, no gradients."""
     layer4.eval()
     with torch.no_grad():
-        return torch.cat([head(pooled(layer4, maps[a:a + batch]))[:, 0] for a in range(0, len(maps), batch)]).numpy()
+        return torch.cat([layer4(maps[a:a + batch].flatten(0, 1).float()).mean((2, 3)).unflatten(0, (-1, 2)).mean(1)
+                          for a in range(0, len(maps), batch)])
 
 
 def ridge_read_out(features: np.ndarray, targets: np.ndarray) -> torch.nn.Linear:
@@ -124,6 +121,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "finetune_candidates.json")
     args = parser.parse_args()
 
+    from scipy.special import logit
+
     from resmemnet.data import load_split
     from resmemnet.model.heads import LinearEnsemble
     from resmemnet.model.resmemnet import create_model
@@ -144,8 +143,7 @@ def main() -> int:
     model.head = LinearEnsemble(sum(model.tap_channels), model.config.members)
     paths = [str(p) for p in split.train.paths]
     targets = mean_targets(split.info, split.train.paths)
-    clipped = np.clip(targets, 1e-3, 1 - 1e-3)
-    logits = torch.from_numpy(np.log(clipped / (1 - clipped))).float()
+    logits = torch.from_numpy(logit(np.clip(targets, 1e-3, 1 - 1e-3))).float()
     folds = np.array_split(np.random.default_rng([0, 7]).permutation(len(paths)), args.folds)  # large_candidates'
 
     def rho(fold: np.ndarray, prediction: np.ndarray) -> float:
@@ -167,8 +165,7 @@ def main() -> int:
     for name in args.trunks:
         net = trunk(model, name)
         maps = layer3_maps(net, loader)
-        with torch.no_grad():
-            frozen = torch.cat([pooled(net.layer4, maps[a:a + 64]) for a in range(0, len(maps), 64)]).numpy()
+        frozen = pooled(net.layer4, maps).numpy()
         rows = {k: [] for k in ("frozen layer4, ridge", "fine-tuned layer4", "in-domain ensemble (shipped)",
                                 "ensemble + fine-tuned, averaged")}
         for k, fold in enumerate(folds):
@@ -178,7 +175,8 @@ def main() -> int:
                 rows["frozen layer4, ridge"].append(rho(fold, head(torch.from_numpy(frozen[fold]))[:, 0].numpy()))
             layer4, tuned_head = fine_tune(net.layer4, head, maps[fit], logits[fit], lr=args.lr, epochs=args.epochs,
                                            seed=config.seed + k)
-            tuned = predict(layer4, tuned_head, maps[fold])
+            with torch.no_grad():
+                tuned = tuned_head(pooled(layer4, maps[fold]))[:, 0].numpy()
             rows["fine-tuned layer4"].append(rho(fold, tuned))
             rows["in-domain ensemble (shipped)"].append(rho(fold, ensemble[k]))
             rows["ensemble + fine-tuned, averaged"].append(rho(fold, standard(ensemble[k]) + standard(tuned)))

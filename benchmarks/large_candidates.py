@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "large_candidates.json")
     args = parser.parse_args()
 
+    from scipy.special import logit
+
     from resmemnet.data import load_split
     from resmemnet.data.base import ImageScoreDataset
     from resmemnet.jobs import scan_images
@@ -182,13 +184,13 @@ def main() -> int:
     # so it is measured here with scikit-learn, outside the shipped procedure.
     name = "kernel ridge (RBF) per group, averaged: R152 blocks + R50 stages + fc9"
     original_columns = {g: np.flatnonzero(np.repeat(np.array(original), model.tap_channels) == g) for g in IN_DOMAIN}
-    logit = np.log(np.clip(targets, 1e-3, 1 - 1e-3) / (1 - np.clip(targets, 1e-3, 1 - 1e-3)))
+    logits = logit(np.clip(targets, 1e-3, 1 - 1e-3))
     rhos, agreement = [], {k: [] for k in unlabelled if k != "even half"}
     x_all = train.take(np.arange(len(paths))).numpy()
     for fold in folds:
         fit = np.setdiff1d(np.arange(len(paths)), fold)
         sets = [x_all[fold]] + [unlabelled[k].take(np.flatnonzero(unlabelled[k].valid)).numpy() for k in agreement]
-        parts = [kernel_ridge(x_all[fit][:, c], logit[fit], [x[:, c] for x in sets], config.seed)
+        parts = [kernel_ridge(x_all[fit][:, c], logits[fit], [x[:, c] for x in sets], config.seed)
                  for c in original_columns.values()]
         pred = [np.mean([p[i] for p in parts], axis=0) for i in range(len(sets))]
         rhos.append(subject_split_test(split.info, [paths[i] for i in fold], pred[0])["mean"])
