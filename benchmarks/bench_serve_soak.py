@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="also write the figures as JSON")
     args = p.parse_args(argv)
     png = _gradient_png(args.side)
-    soak = Soak(model=str(args.checkpoint or "the bundled default (resmemnet-lnsim-r152)"), rounds_asked=args.rounds,
+    soak = Soak(model=str(args.checkpoint or "the bundled default"), rounds_asked=args.rounds,
                 clients=args.clients, files=args.files, side=args.side, png_bytes=len(png))
     port = free_port()
     server = start_server(args.checkpoint, port, [], ready_s=900)  # a loaded, shared CPU starts slowly

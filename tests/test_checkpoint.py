@@ -248,3 +248,46 @@ def test_a_header_length_that_starts_like_a_pickle_is_still_safetensors(small, t
             break
     assert path.read_bytes()[0] == 0x80
     assert read_metadata(path)["note"] == "x" * pad
+
+
+
+# ---- issue 21: non-finite tensors, preprocessing outside sane ranges, metadata nested too deep
+
+
+def test_a_nan_weight_is_refused_naming_the_file_and_the_tensor(tmp_path):
+    model = create_model("mobilenet_v3_large", head="last", proj_dim=8)
+    with torch.no_grad():
+        model.head.fc.weight[0, 1] = float("inf")
+        model.head.fc.weight[0, 2] = float("nan")
+    bad = save_checkpoint(model, tmp_path / "nan.safetensors")  # a valid hash: the tensors are scanned
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(bad)
+    assert str(info.value) == (f"{bad}: tensor head.fc.weight holds 2 NaN or infinite value(s); the file is damaged "
+                               "or comes from a run that diverged")
+
+
+@pytest.mark.parametrize(("preprocessing", "message"), [
+    ({"std": [1e-300] * 3}, r"std must be 3 values in \[0.01, 1\] \(a standard deviation of pixels in \[0, 1\]\)"),
+    ({"mean": [1e30, 0, 0]}, r"mean must be 3 values in \[0, 1\] \(a mean of pixels in \[0, 1\]\)"),
+    ({"crop": [4000, 4000]}, r"crop \(4000, 4000\) is larger than resize \(224, 224\)"),
+    ({"resize": [4000, 4000], "crop": [4000, 4000]}, r"resize must be \(height, width\) in 16..1024"),
+    ({"resize": [8, 8]}, r"resize must be \(height, width\) in 16..1024, got \(8, 8\)"),
+])
+def test_preprocessing_outside_sane_ranges_is_refused_from_the_header(small, tmp_path, nothing_is_read_or_built,
+                                                                      preprocessing, message):
+    """Issue 21.3: std 1e-300 made every score NaN; crop [4000, 4000] took 90 s an image."""
+    bad = _rewrite(small, tmp_path / "bad.safetensors", preprocessing=preprocessing)
+    with pytest.raises(CheckpointError, match=f"^{bad} has invalid metadata: preprocessing: .*{message}") as info:
+        load_checkpoint(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_metadata_nested_too_deep_names_the_file(small, tmp_path):
+    """Issue 21.6: 100,000 nested brackets gave "maximum recursion depth exceeded" and no file name."""
+    with safe_open(small, framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        raw = f.metadata()["resmemnet"]
+    bad = tmp_path / "deep.safetensors"
+    save_file(tensors, bad, metadata={"resmemnet": raw[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"})
+    with pytest.raises(CheckpointError, match=f"^{bad} has damaged metadata: nested too deeply"):
+        read_metadata(bad)

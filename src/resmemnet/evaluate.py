@@ -1,8 +1,9 @@
 """Evaluating a model on a memorability test set, and over a dataset's splits (mean +- std).
 
 Metrics are computed once over the whole test set, never averaged over mini-batches. Files that
-cannot be decoded are listed with their reason and left out of the metrics; images the dataset
-lists but that are absent from disk are counted from the split's `info["absent"]`.
+cannot be decoded (or that the model scores NaN) are listed with their reason and left out of the
+metrics; images the dataset lists but that are absent from disk are counted from the split's
+`info["absent"]`.
 """
 
 from __future__ import annotations
@@ -47,13 +48,26 @@ def evaluate(model: ResMemNet | Scorer, dataset: ImageScoreDataset, *, batch_siz
                     items.append({"path": row.path, "true": true, "predicted": row.score})
             bar.update(len(rows))
     if len(items) < 2:
-        raise ValueError(f"Only {len(items)} of {len(dataset)} images could be scored; a correlation needs 2. "
-                         f"First failures: {failed[:3]}")
+        first = "; ".join(f"{f['path']}: {f['error']}" for f in failed[:3])
+        raise ValueError(f"Only {len(items)} of {len(dataset)} images could be scored, and a correlation "
+                         f"needs 2" + (f"; first failures: {first}" if first else ""))
     predicted = np.asarray([i["predicted"] for i in items])
     true = np.asarray([i["true"] for i in items])
     return {"n_images": len(dataset), "n_scored": len(items), "n_failed": len(failed), "failed": failed,
             "metrics": regression_metrics(predicted, true), "top_bottom": top_bottom(predicted, true),
             "predictions": items}
+
+
+def _check_test_set(name: str, index: int, test: ImageScoreDataset, info: dict[str, Any], root: str | Path) -> None:
+    """Fewer than 2 test images to score: say why (absent from disk, or without a score) before scoring any."""
+    if len(test) >= 2:
+        return
+    absent, unscored = info.get("absent", {}).get("test", 0), info.get("unscored", {}).get("test", 0)
+    reasons = [f"{absent} listed test image(s) absent from disk (relative paths start at {root}; `resmemnet dataset` "
+               "lists absent images)"] if absent else []
+    reasons += [f"{unscored} test image(s) without a score"] if unscored else []
+    raise ValueError(f"{name} split {index} has {len(test)} test image(s) to score, and a correlation needs 2"
+                     + (": " + "; ".join(reasons) if reasons else "; use a larger test_fraction"))
 
 
 def evaluate_splits(model: ResMemNet | Scorer, name: str, root: str | Path, *, splits: Sequence[int] | None = None,
@@ -78,6 +92,7 @@ def evaluate_splits(model: ResMemNet | Scorer, name: str, root: str | Path, *, s
     per_split = []
     for index in chosen:
         split = load_split(name, root, split=index, seed=seed, test_fraction=test_fraction, **options)
+        _check_test_set(name, index, split.test, split.info, root)
         result = evaluate(scorer, split.test, batch_size=batch_size, workers=workers, progress=progress)
         per_split.append({"split": index, "info": split.info, "human_consistency": split_half_consistency(split),
                           "n_absent": int(split.info.get("absent", {}).get("test", 0)), **result})

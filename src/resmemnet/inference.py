@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -33,7 +34,8 @@ from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.runtime import PrecisionChoice, autocast, choose_precision, resolve_device
 
 __all__ = ["BACKENDS", "ONNX_METADATA_KEY", "OnnxScorer", "Prediction", "ScoreArray", "Scorer", "ScorerSpec",
-           "TorchScorer", "eval_mode", "int8_onnx_for", "model_on", "precision_for", "score_paths"]
+           "TorchScorer", "checked", "eval_mode", "int8_onnx_for", "model_on", "model_output_error", "precision_for",
+           "score_paths"]
 
 ScoreArray = npt.NDArray[np.float32]  # (B,) scores in [0, 1]
 BACKENDS = ("torch", "onnxruntime")
@@ -48,6 +50,23 @@ class Prediction:
     score: float | None
     error: str = ""
     score_std: float | None = None
+
+
+def model_output_error(*values: float | None) -> str:
+    """The error for a row whose model output is NaN or infinite ('' when every value is a number or None).
+
+    A non-finite score is no score: it must never be written, ranked or counted as a success.
+    """
+    for value in values:
+        if value is not None and not math.isfinite(value):
+            return "model produced NaN" if math.isnan(value) else "model produced an infinite score"
+    return ""
+
+
+def checked(row: Prediction) -> Prediction:
+    """`row`, or an error row (no score) when its score or spread is NaN or infinite."""
+    error = model_output_error(row.score, row.score_std)
+    return Prediction(row.path, None, error) if error else row
 
 
 def precision_for(device: str | torch.device = "auto", requested: str = "auto", *,
@@ -247,7 +266,8 @@ class ScorerSpec:
 
 def score_paths(paths: Sequence[str | PathLike[str]], scorer: Scorer, *, batch_size: int = 32,
                 workers: int = 0) -> Iterator[list[Prediction]]:
-    """One list of Predictions per batch of `paths`, in input order; a bad file is an error row, never a stop.
+    """One list of Predictions per batch of `paths`, in input order; a bad file is an error row, never a stop,
+    and so is a NaN or infinite score (never a number).
 
     Decoding runs in `workers` DataLoader processes; memory stays bounded whatever the number of paths.
     """
@@ -262,5 +282,6 @@ def score_paths(paths: Sequence[str | PathLike[str]], scorer: Scorer, *, batch_s
         if batch.images is not None:
             scores, spread = scorer.score_with_spread(batch.images)
             for k, (index, path) in enumerate(zip(batch.indices.tolist(), batch.paths, strict=True)):
-                rows[index] = Prediction(path, float(scores[k]), "", None if spread is None else float(spread[k]))
+                std = None if spread is None else float(spread[k])
+                rows[index] = checked(Prediction(path, float(scores[k]), "", std))
         yield [rows[i] for i in sorted(rows)]

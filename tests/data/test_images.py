@@ -1,5 +1,4 @@
 import io
-import struct
 import zlib
 
 import numpy as np
@@ -7,17 +6,12 @@ import pytest
 from PIL import Image
 
 from resmemnet.data.images import ImageLoadError, load_image
-from tests.conftest import make_photo
+from tests.conftest import make_photo, write_png
 
 
 def _png_header_only(path, width, height):
     """A PNG whose header claims a huge size: the guard must refuse it before decoding."""
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 10))
-                     + chunk(b"IEND", b""))
-    return path
+    return write_png(path, width, height, zlib.compress(b"\0" * 10))
 
 
 def test_exif_orientation_is_applied(tmp_path):

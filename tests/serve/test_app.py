@@ -11,6 +11,7 @@ from PIL import Image
 
 from resmemnet import predict
 from resmemnet.serve import ServeSettings, create_app
+from tests.conftest import make_big_png
 from tests.serve.conftest import photo_bytes
 
 
@@ -186,3 +187,45 @@ def test_ranks_put_the_highest_score_first_and_ties_share_a_rank():
 
     assert _ranks([0.2, None, 0.9, 0.2, 0.5]) == [3, None, 1, 3, 2]
     assert _ranks([None, None]) == [None, None]
+
+
+def test_a_nan_score_is_an_error_for_that_image_never_null_with_a_rank(tiny_model, monkeypatch):
+    """Issue 21.3: the server answered 200 with "score": null, "rank": -9223372036854775808."""
+    import dataclasses
+
+    import resmemnet.serve.app as app_module
+
+    real_predict, real_explain = app_module.predict, app_module.explain
+
+    def nan_second(*args, **kwargs):
+        scores, spread = real_predict(*args, **kwargs)
+        scores[1] = np.nan
+        return scores, spread
+
+    def nan_explained(*args, **kwargs):
+        return [dataclasses.replace(e, score=float("nan")) for e in real_explain(*args, **kwargs)]
+
+    monkeypatch.setattr(app_module, "predict", nan_second)
+    monkeypatch.setattr(app_module, "explain", nan_explained)
+    with TestClient(create_app(tiny_model)) as c:
+        scored = c.post("/v1/predict", files=_files(*((f"p{i}.jpg", photo_bytes(i)) for i in range(3))))
+        explained = c.post("/v1/explain", files=_files(("a.jpg", photo_bytes(4))))
+        png = c.post("/v1/explain?format=png", files=_files(("a.jpg", photo_bytes(4))))
+    assert scored.status_code == 200
+    rows = scored.json()["results"]
+    assert [(x["score"] is None, x["rank"], x["error"]) for x in rows] == [
+        (False, rows[0]["rank"], None), (True, None, "model produced NaN"), (False, rows[2]["rank"], None)]
+    assert sorted([rows[0]["rank"], rows[2]["rank"]]) == [1, 2]
+    (row,) = explained.json()["results"]
+    assert (row["score"], row["rank"], row["error"], row["overlay_png"]) == (None, None, "model produced NaN", None)
+    assert png.status_code == 500 and png.json()["detail"].startswith("a.jpg: model produced NaN")
+
+
+def test_max_pixels_over_pillows_own_limit_admits_a_large_scan(tiny_model, tmp_path, monkeypatch):
+    """Issue 21.4: `serve --max-pixels 300000000` could not admit a 14000x14000 scan (Pillow's 179 MP refused it)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
+    scan = make_big_png(tmp_path / "scan.png", 14_000).read_bytes()
+    with TestClient(create_app(tiny_model, ServeSettings(max_pixels=300_000_000))) as c:
+        r = c.post("/v1/predict", files=_files(("scan.png", scan)))
+    assert r.status_code == 200, r.text
+    assert 0 <= r.json()["results"][0]["score"] <= 1

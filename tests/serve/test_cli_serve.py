@@ -67,3 +67,13 @@ def test_bad_arguments_are_one_line_errors(uvicorn_calls, tmp_path, capsys, monk
     assert main(["serve", "--checkpoint", "x"]) == 2
     assert f"{MAX_PIXELS_ENV}='lots' is not a positive whole number" in capsys.readouterr().err
     assert uvicorn_calls == []
+
+
+@pytest.mark.parametrize("port", ["99999", "-1", "http"])
+def test_a_port_that_is_no_tcp_port_is_a_bad_argument(uvicorn_calls, capsys, port):
+    """Issue 21.6: `serve --port 99999` was reported as `internal error: OverflowError`."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--port", port])
+    assert exit_info.value.code == 2
+    assert f"argument --port: {port!r} is not a TCP port (a whole number in 0..65535)" in capsys.readouterr().err
+    assert uvicorn_calls == []

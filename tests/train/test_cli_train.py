@@ -10,6 +10,7 @@ import pytest
 from safetensors.torch import load_file
 
 from resmemnet.cli import main
+from tests.conftest import make_photo
 from tests.train.conftest import TINY
 
 RESMEMNET = str(Path(sys.executable).with_name("resmemnet"))
@@ -22,7 +23,7 @@ BAD_INPUTS = [
     (["--set", "phases.99.epochs=1"], "phases has 3 entries (indices 0..2), not '99'"),
     (["--set", "batch_size.x=1"], "batch_size is a value (24), not a table or list"),
     (["--set", "batch_size=-1"], "batch_size: Input should be greater than or equal to 1"),
-    (["--set", "image_size=100000"], "image_size: Input should be less than or equal to 4096"),
+    (["--set", "image_size=100000"], "image_size: Input should be less than or equal to 1024"),
     (["--set", "phases.0.epochs=0", "--set", "phases.1.epochs=0", "--set", "phases.2.epochs=0"],
      "every phase has 0 epochs"),
     (["--set", "model.proj_dim=100000000"], "proj_dim must be an integer in 1..4096"),
@@ -101,3 +102,30 @@ def test_cli_trains_one_split_and_records_the_command(syn_root, tmp_path, capsys
     meta = read_metadata(out / "best.safetensors")
     assert meta["command"].startswith(f"resmemnet train --dataset synthetic --root {syn_root} --split 1 --output")
     assert "--set image_size=32" in meta["command"] and meta["config_file"] == ""
+
+
+def test_a_bad_value_in_a_one_phase_list_is_reported_once(syn_root, tmp_path, capsys):
+    """Issue 21.6: the right error came with a confusing second clause, "Tuple should have at least 1 item"."""
+    assert main(["train", "--dataset", "synthetic", "--root", str(syn_root), "--output", str(tmp_path / "run"),
+                 "--set", ONE_FROZEN_EPOCH, "--set", "phases.0.lr_max=inf"]) == 2
+    assert capsys.readouterr().err == ("resmemnet train: error: Invalid config: phases.0.lr_max: Input should be a "
+                                       "finite number (got inf)\n")
+
+
+def test_cli_trains_from_your_own_csv(tmp_path, capsys):
+    """Issue 21.7: `resmemnet train --dataset csv` could not be given the table's path."""
+    from resmemnet.checkpoint import read_metadata
+
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(30):
+        make_photo(root / f"{i}.jpg", size=(32, 32), seed=i)
+    table = tmp_path / "scores.csv"
+    table.write_text("path,score\n" + "".join(f"{i}.jpg,{(i * 7 % 30) / 30}\n" for i in range(30)))
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "csv", "--csv", str(table), "--root", str(root), "--output", str(out)]
+    for o in [*TINY, ONE_FROZEN_EPOCH, "val_fraction=0.25"]:
+        args += ["--set", o]
+    assert main(args) == 0
+    assert "test rho" in capsys.readouterr().out
+    assert f"--dataset csv --csv {table} --root {root}" in read_metadata(out / "best.safetensors")["command"]

@@ -2,7 +2,10 @@
 
 Only the subcommand being run is imported (the others get a parser stub for `--help`), so
 `resmemnet --version` and a bad argument answer in a fraction of a second rather than after
-torch, torchvision and Grad-CAM have loaded.
+torch, torchvision and Grad-CAM have loaded. Before that import, `main` reads the header of a
+`--checkpoint` file, so every command refuses a damaged or hostile file in milliseconds, before
+torch loads; and it checks the pixel limit ($RESMEMNET_MAX_PIXELS) once, in this process, so that
+DataLoader workers never meet a bad one.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import importlib
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from resmemnet import __version__
 
@@ -38,8 +42,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     The top-level parser takes no option with a value, so the first word that is not an option is
     the subcommand; `argv=None` and no subcommand named give the stubs only (top-level --help).
     """
-    words = sys.argv[1:] if argv is None else argv
-    chosen = next((w for w in words if not w.startswith("-")), None)
+    chosen = _chosen(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="resmemnet", description="Predict, explain and train image memorability.")
     parser.add_argument("--version", action="version", version=f"resmemnet {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -51,21 +54,46 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen(words: Sequence[str]) -> str | None:
+    return next((w for w in words if not w.startswith("-")), None)
+
+
+def _check_early(words: Sequence[str]) -> None:
+    """Checks before the subcommand is imported: a checkpoint file's header (before torch loads), the pixel limit."""
+    from resmemnet.checkpoint import read_metadata
+
+    given = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    given.add_argument("--checkpoint")
+    try:
+        checkpoint = given.parse_known_args(words)[0].checkpoint
+    except argparse.ArgumentError:  # `--checkpoint` with no value: the subcommand's parser says so
+        checkpoint = None
+    if checkpoint and Path(checkpoint).is_file():  # bundled names are not files, and are checked when built
+        read_metadata(checkpoint)
+    from resmemnet.data.images import apply_max_pixels  # the resmemnet.data package imports torch
+
+    apply_max_pixels()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command: its exit code, 2 for a bad argument or input, EXIT_INTERNAL for a bug (one line each).
 
     RESMEMNET_DEBUG=1 lets any exception through with its traceback.
     """
-    args = build_parser(argv).parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = _chosen(words)
     try:
+        if command in COMMANDS:
+            _check_early(words)
+        args = build_parser(words).parse_args(words)
         return int(args.func(args) or 0)
     except Exception as exc:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         if isinstance(exc, USER_ERRORS):  # bad checkpoint, unknown name, offline weights, unreadable file
-            print(f"resmemnet {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            print(f"resmemnet {command}: error: {_one_line(exc)}", file=sys.stderr)
             return 2
-        print(f"resmemnet {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+        print(f"resmemnet {command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
               f"(rerun with {DEBUG_ENV}=1 for the traceback, and please report it)", file=sys.stderr)
         return EXIT_INTERNAL
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from resmemnet.cli import COMMANDS
 
@@ -42,14 +41,15 @@ def _print_catalogue(catalogue: dict[str, list[dict[str, object]]]) -> None:
             default = " (default)" if item["name"] == DEFAULT_MODEL else ""
             where = "offline" if item["offline"] else "downloads"
             print(f"  {item['name']}{default}: {arch}, {where}; licence: {item['licence']}")
+            if "use" in item:
+                held_out = item["metrics"]["lnsim_held_out_spearman"]  # type: ignore[index]
+                print(f"      pick it as {item['use']} (held-out LNSIM rho {held_out})")
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top, so `resmemnet --version` and bad arguments answer at once (and a damaged
+    # --checkpoint file was refused by resmemnet.cli.main before torch loads).
     from resmemnet.checkpoint import read_metadata
-
-    if args.checkpoint and args.checkpoint.endswith(".safetensors") and Path(args.checkpoint).is_file():
-        read_metadata(args.checkpoint)  # a damaged or hostile file fails in milliseconds, before torch loads
-    # Imported here, not at the top, so `resmemnet --version` and bad arguments answer at once.
     from resmemnet.inference import precision_for
     from resmemnet.model.resmemnet import create_model
     from resmemnet.pretrained import DEFAULT_MODEL, load_model, resolve_checkpoint

@@ -15,7 +15,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help=COMMANDS["serve"])
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
                                                        "only; 0.0.0.0 exposes it to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 0..65535 (0: any free port)")
     p.add_argument("--checkpoint", help="checkpoint path or bundled model name (default: the bundled default)")
     p.add_argument("--workers", type=int, default=1, help="server processes, each with its own model copy")
     # Unset limits stay None so ServeSettings keeps its defaults (one source of defaults; see GET /v1/model).
@@ -33,6 +33,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 10)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
     p.set_defaults(func=run)
+
+
+def _port(text: str) -> int:
+    """A TCP port, checked while parsing: uvicorn would fail on 99999 only when it binds (OverflowError)."""
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (a whole number in 0..65535)")
+    return int(text)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,6 +1,6 @@
 """`resmemnet train`: one split, or every split with baselines (--all-splits); torchrun-compatible.
 
-Every bundled model is built by this command with its config (configs/resmemnet-lnsim-*.toml); each
+Every bundled model is built by this command with its config (configs/<name>.toml); each
 checkpoint records the config file and the exact command that made it.
 """
 
@@ -17,10 +17,12 @@ from resmemnet.train.crossval import METHODS, run_crossval
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help=COMMANDS["train"],
                        description="Values apply in order: TrainConfig defaults, --config FILE, --set KEY=VALUE. "
-                                   "Bundled models: --config configs/resmemnet-lnsim-r152.toml --dataset lnsim.")
+                                   "Bundled models: --config configs/<name>.toml --dataset lnsim "
+                                   "--root ../shared/datasets/lnsim.")
     p.add_argument("--config", help="TOML config file, e.g. configs/paper.toml")
     p.add_argument("--dataset", required=True, help="dataset name (e.g. lnsim, lamem, synthetic)")
-    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--root", required=True, help="dataset folder (for csv: the folder relative paths start from)")
+    p.add_argument("--csv", help="csv: the table of image path and score (as for `resmemnet evaluate`)")
     p.add_argument("--split", type=int, default=0, help="split index (default 0)")
     p.add_argument("--output", required=True, help="run folder: config, log.csv, tensorboard/, checkpoints")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last saved step")
@@ -41,7 +43,7 @@ def command_line(args: argparse.Namespace) -> str:
     words = ["resmemnet", "train"]
     if args.config:
         words += ["--config", args.config]
-    words += ["--dataset", args.dataset, "--root", args.root]
+    words += ["--dataset", args.dataset, *(["--csv", args.csv] if args.csv else []), "--root", args.root]
     if args.split:
         words += ["--split", str(args.split)]
     words += ["--output", args.output]
@@ -65,18 +67,19 @@ def _train(args: argparse.Namespace) -> int:
     from resmemnet.train.loop import train
 
     config = load_config(args.config, args.overrides)
+    options = {"csv": args.csv} if args.csv else {}  # the dataset says which options it takes
     if args.all_splits:
         if args.splits is not None and args.splits < 1:
             raise ValueError(f"--splits must be at least 1, got {args.splits}")
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods:
             raise ValueError(f"--methods is empty; choose from {','.join(METHODS)}")
-        splits = range(args.splits or num_splits(args.dataset, args.root))
+        splits = range(args.splits or num_splits(args.dataset, args.root, **options))
         result = run_crossval(config, args.dataset, args.root, args.output, splits=splits, methods=methods,
-                              resume=args.resume)
+                              resume=args.resume, **options)
         print(result.table, end="")
         return 0
-    split = load_split(args.dataset, args.root, split=args.split, seed=config.seed)
+    split = load_split(args.dataset, args.root, split=args.split, seed=config.seed, **options)
     result = train(config, split, args.output, resume=args.resume,
                    metadata={"config_file": args.config or "", "command": command_line(args)})
     if os.environ.get("RANK", "0") == "0":  # torchrun: rank 0 reports

@@ -19,8 +19,8 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV", "ImageLoadError", "default_max_pixels",
-           "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTENSIONS", "MAX_PIXELS_ENV", "ImageLoadError", "apply_max_pixels",
+           "default_max_pixels", "load_image"]
 
 # The decompression-bomb guard shared by the CLI, the library and the server: 40 MP is a 7,700 x 5,200
 # photo, above any phone or DSLR camera's output, and decodes to 120 MB of RGB.
@@ -60,6 +60,24 @@ def default_max_pixels() -> int:
     return int(value)
 
 
+def apply_max_pixels(limit: int | None = None) -> int:
+    """Check `limit` (default: `default_max_pixels()`), make sure Pillow admits it, and return it.
+
+    Pillow has a guard of its own (`Image.MAX_IMAGE_PIXELS`, refusing twice that at `Image.open`: 179 MP
+    by default), which refused images this limit admits; it is raised to at least the limit, so the one
+    limit decides (`load_image` refuses larger images from their header). Raised, never lowered: one
+    process may hold several limits (servers, library calls), and each must be admitted. The CLI calls
+    this once in the parent process, so a bad $RESMEMNET_MAX_PIXELS is one line there, never a
+    DataLoader worker's traceback.
+    """
+    limit = default_max_pixels() if limit is None else limit
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"the pixel limit must be a positive whole number, got {limit!r}")
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    return limit
+
+
 def _missing_reason(path: Path) -> str:
     """Why a path that does not resolve to a file is missing: a broken link says so."""
     if not path.is_symlink():
@@ -81,7 +99,7 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None,
     detail that a later resize would discard: the result is then smaller, but at least
     max(min_size) on both sides (either side may end up vertical after EXIF rotation).
     """
-    max_pixels = default_max_pixels() if max_pixels is None else max_pixels
+    max_pixels = apply_max_pixels(max_pixels)
     name = _name(source)
     if isinstance(source, (str, PathLike)):
         path = Path(source)
@@ -114,8 +132,9 @@ def load_image(source: ImageSource, *, max_pixels: int | None = None,
         raise ImageLoadError(name, f"permission denied ({exc.strerror})") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(name, "not an image, or an unsupported format") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageLoadError(name, f"refused by the decompression-bomb guard ({exc})") from exc
+    except Image.DecompressionBombError as exc:  # Pillow's own check at Image.open, set to at least the limit
+        raise ImageLoadError(name, f"image is over the limit of {max_pixels:,} pixels (decompression-bomb "
+                                   "guard)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageLoadError(name, f"truncated or corrupt image data ({exc})") from exc
     return _to_rgb(ImageOps.exif_transpose(img))

@@ -50,6 +50,29 @@ class Backbone(nn.Module):
         outputs = self.net(x)
         return [outputs[tap] for tap in self.taps]
 
+    def stage_end(self, stage: str) -> int:
+        """How many taps lie in the stages up to `stage` (e.g. "layer2"): the frozen part of a partly trained trunk.
+
+        Only trunks whose taps form a chain of blocks (ResNets: the input of each block is the output of the
+        one before) can restart from a tap's output; others are refused.
+        """
+        if not all(tap.startswith("layer") for tap in self.taps):
+            raise ValueError(f"Backbone {self.name!r} cannot restart from a stage's output (only ResNets' blocks "
+                             "form a chain); use a ResNet backbone or frozen_until=''")
+        stages = [tap.split(".")[0] for tap in self.taps]
+        names = list(dict.fromkeys(stages))
+        if stage not in names[:-1]:
+            raise ValueError(f"{stage!r} is not a stage before the last of {self.name} (stages: {', '.join(names)})")
+        return max(i for i, s in enumerate(stages) if s == stage) + 1
+
+    def forward_from(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
+        """The outputs of taps[start:], given the output of taps[start - 1] (see `stage_end`)."""
+        outputs = []
+        for tap in self.taps[start:]:
+            x = self.net.get_submodule(tap)(x)
+            outputs.append(x)
+        return outputs
+
     def load_trunk(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         """Load a torchvision state dict; classifier weights may be present or absent, nothing else may differ."""
         result = self.net.load_state_dict(state, strict=False)

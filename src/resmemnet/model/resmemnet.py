@@ -9,6 +9,7 @@ gives `members` scores per image: their mean is the score, their spread its unce
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -78,6 +79,25 @@ class ResMemNet(nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Expected images of shape (batch, 3, H, W), got {tuple(images.shape)}")
         return torch.cat([t.mean(dim=(2, 3)) for t in self.backbone(images)], dim=1)
+
+    def trunk_rows(self, images: torch.Tensor, start: int) -> torch.Tensor:
+        """Images -> (batch, pooled taps[:start] + flattened output map of taps[start - 1]): what a partly
+        trained trunk caches, so training runs only the blocks from `start` on (`pool_rows`)."""
+        taps = self.backbone(images)[:start]
+        pooled = torch.cat([t.mean(dim=(2, 3)) for t in taps], dim=1)
+        return torch.cat([pooled, taps[-1].flatten(1)], dim=1)
+
+    def pool_rows(self, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """`trunk_rows` output -> every tap pooled (as `pool_taps` gives), running the blocks from `start` on."""
+        width = sum(self.tap_channels[:start])
+        channels = self.tap_channels[start - 1]
+        side = math.isqrt((rows.shape[1] - width) // channels)
+        if width + channels * side * side != rows.shape[1]:
+            raise ValueError(f"Rows of {rows.shape[1]} values are not {width} pooled features plus a square "
+                             f"{channels}-channel map")
+        x = rows[:, width:].reshape(-1, channels, side, side).contiguous(memory_format=torch.channels_last)
+        tail = [t.mean(dim=(2, 3)) for t in self.backbone.forward_from(x, start)]
+        return torch.cat([rows[:, :width].to(tail[0].dtype), *tail], dim=1)
 
     def forward_members(self, pooled: torch.Tensor) -> torch.Tensor:
         """(batch, members) scores from pooled taps; one member unless the head is an ensemble."""

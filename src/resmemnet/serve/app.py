@@ -36,8 +36,9 @@ from pydantic import BaseModel, Field
 from scipy.stats import rankdata
 
 from resmemnet import __version__
-from resmemnet.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, default_max_pixels, load_image
+from resmemnet.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, apply_max_pixels, default_max_pixels, load_image
 from resmemnet.explain import Explanation, explain
+from resmemnet.inference import model_output_error
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.predict import predict
 from resmemnet.pretrained import load_model
@@ -174,6 +175,13 @@ def _scatter(n: int, indices: list[int], values: list[Any]) -> list[Any]:
     return out
 
 
+def _finite(uploads: list[_Upload], scores: list[float | None]) -> list[float | None]:
+    """`scores` with each NaN or infinite one made its upload's error: never a null score with a rank."""
+    for upload, score in zip(uploads, scores, strict=True):
+        upload.error = upload.error or model_output_error(score) or None
+    return [None if u.error else s for u, s in zip(uploads, scores, strict=True)]
+
+
 def _ranks(scores: list[float | None]) -> list[int | None]:
     """1 = highest score; ties share the better rank; None where a file had no score."""
     scored = [i for i, s in enumerate(scores) if s is not None]
@@ -190,6 +198,7 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
     The caller's model is left as it is: a copy is moved when it is on another device or in training mode.
     """
     settings = settings or ServeSettings()
+    apply_max_pixels(settings.max_pixels)  # Pillow's own guard too, before any upload's header is read
     tune_allocator()  # before the first large buffer: they then go back to the system when freed
     device = resolve_device(settings.device)
     if model.training or not _on_device(model, device):
@@ -302,9 +311,9 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
         uploads = await read_uploads(files, transform, model_side)
         good = [i for i, u in enumerate(uploads) if u.item is not None]
         scored = _scatter(len(uploads), good, await run_batcher(scorer, [uploads[i].item for i in good]))
-        scores = [None if x is None else x[0] for x in scored]
+        scores = _finite(uploads, [None if x is None else x[0] for x in scored])
         return PredictResponse(results=[
-            ImageResult(index=i, filename=u.filename, score=s, score_std=None if x is None else x[1], rank=r,
+            ImageResult(index=i, filename=u.filename, score=s, score_std=None if s is None else x[1], rank=r,
                         error=u.error)
             for i, (u, s, x, r) in enumerate(zip(uploads, scores, scored, _ranks(scores), strict=True))])
 
@@ -326,6 +335,8 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
         uploads = await read_uploads(files, fit, max(settings.overlay_max_side, model_side))
         good = [i for i, u in enumerate(uploads) if u.item is not None]
         explained = _scatter(len(uploads), good, await run_batcher(explainer, [uploads[i].item for i in good]))
+        scores = _finite(uploads, [e.score if e is not None else None for e in explained])
+        explained = [e if s is not None else None for e, s in zip(explained, scores, strict=True)]
 
         def encode(e: Explanation | None) -> tuple[bytes | None, bytes | None]:
             if e is None:
@@ -334,9 +345,10 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
 
         pngs = await run_in_threadpool(lambda: [encode(e) for e in explained])
         if fmt == "png":  # exactly one file, and read_uploads refused it if unusable
+            if explained[0] is None:  # the model's fault, not the upload's
+                raise HTTPException(500, f"{uploads[0].filename}: {uploads[0].error}; the server's model is broken")
             return Response(pngs[0][0], media_type="image/png",
                             headers={"X-Memorability-Score": f"{explained[0].score:.6f}"})
-        scores = [e.score if e is not None else None for e in explained]
         return ExplainResponse(results=[
             ExplainResult(index=i, filename=u.filename, score=s, rank=r, error=u.error,
                           overlay_png=_b64(overlay), heatmap_png=_b64(heat))

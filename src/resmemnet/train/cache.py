@@ -3,6 +3,10 @@
 While the backbone is frozen its output never changes, so the head can train from
 `model.pool_taps(image)` stored once per image instead of re-running the CNN every epoch.
 
+A partly trained trunk (`start` > 0: the blocks before tap `start` frozen) caches instead each image's
+`model.trunk_rows`: the frozen taps pooled plus the last frozen block's output map, so training runs
+only the blocks after it (`model.pool_rows`).
+
 What it covers: the un-augmented centre input (view 0) and, when the run augments with flips,
 the horizontally flipped input (view 1). Training picks view `flip_for(seed, epoch, index)` per
 image, which is exactly what the image pipeline feeds, so cached and uncached frozen training see
@@ -118,8 +122,8 @@ class CachedRows:
         return out
 
 
-def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: str) -> str:
-    parts = {
+def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: str, start: int = 0) -> str:
+    parts: dict[str, object] = {
         "backbone": model.config.backbone,  # not the head: runs with other heads share the cache
         "backbone_sha256": weights_digest(model.backbone.state_dict()),
         "preprocessing": model.preprocessing.to_dict(),
@@ -127,6 +131,8 @@ def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: s
         "dtype": dtype,
         "paths": [str(Path(p).resolve()) for p in dataset.paths],
     }
+    if start:
+        parts["trunk_rows_from"] = start
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -134,27 +140,28 @@ def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: s
 def build_feature_cache(model: ResMemNet, dataset: ImageScoreDataset, cache_dir: str | Path, *, views: int = 1,
                         dtype: str = "float16", batch_size: int = 64, workers: int = 0,
                         device: str | torch.device = "cpu", precision: PrecisionChoice | None = None,
-                        progress: bool = False) -> FeatureCache:
-    """Pooled taps of every image in `dataset` (view 0 as-is, view 1 flipped), reused when already built.
+                        progress: bool = False, start: int = 0) -> FeatureCache:
+    """Pooled taps (or with `start`, trunk rows) of every image in `dataset` (view 0 as-is, view 1 flipped),
+    reused when already built.
 
     Images are prepared with `model.preprocessing`; the dataset's own transform is ignored. Bad files
     are listed in `.errors` and marked invalid, and the build goes on.
     """
     if views not in (1, 2):
         raise ValueError(f"views must be 1 (as-is) or 2 (as-is + flipped), got {views}")
-    final = Path(cache_dir) / cache_key(model, dataset, views, dtype)
+    final = Path(cache_dir) / cache_key(model, dataset, views, dtype, start)
     if (final / "meta.json").is_file():
         return FeatureCache.open(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(final.parent / f"{final.name}.lock"):
         if not (final / "meta.json").is_file():  # the lock's previous holder may have built it
             _build(model, dataset, final, views=views, dtype=dtype, batch_size=batch_size, workers=workers,
-                   device=torch.device(device), precision=precision, progress=progress)
+                   device=torch.device(device), precision=precision, progress=progress, start=start)
     return FeatureCache.open(final)
 
 
 def _build(model: ResMemNet, dataset: ImageScoreDataset, final: Path, *, views: int, dtype: str, batch_size: int,
-           workers: int, device: torch.device, precision: PrecisionChoice | None, progress: bool) -> None:
+           workers: int, device: torch.device, precision: PrecisionChoice | None, progress: bool, start: int) -> None:
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
         was_training = model.training
@@ -173,7 +180,8 @@ def _build(model: ResMemNet, dataset: ImageScoreDataset, final: Path, *, views: 
             for view in range(views):
                 x = images.flip(-1) if view else images
                 with autocast(device, precision or FP32):
-                    pooled = model.pool_taps(x).float().cpu().numpy()
+                    rows = model.trunk_rows(x, start) if start else model.pool_taps(x)
+                    pooled = rows.float().cpu().numpy()
                 if feats is None:
                     feats = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype,
                                                       shape=(views, len(dataset), pooled.shape[1]))

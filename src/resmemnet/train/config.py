@@ -26,6 +26,7 @@ import pydantic
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
 
+from resmemnet.checkpoint import MAX_INPUT_SIDE
 from resmemnet.model.heads import POOLED_HEADS
 from resmemnet.model.resmemnet import ModelConfig
 from resmemnet.train.ridge import DEFAULT_ALPHAS
@@ -36,7 +37,7 @@ __all__ = ["AUGMENTATIONS", "PAPER_PHASES", "Candidate", "PhaseConfig", "TrainCo
 AUGMENTATIONS = ("none", "hflip")
 MAX_EPOCHS = 10_000
 MAX_BATCH = 65_536
-MAX_IMAGE_SIZE = 4096
+MAX_IMAGE_SIZE = MAX_INPUT_SIDE  # what a checkpoint may declare: a run never writes a file loading refuses
 MAX_LR = 10.0
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
@@ -122,6 +123,11 @@ class TrainConfig(BaseModel):
     distil_stride: Annotated[StrictInt, Field(ge=1, le=1000)] = 1  # every Nth photo of each folder (sorted)
     distil_tap: StrictStr = ""  # the backbone tap whose value is the teacher's score, e.g. "resmem.score"
     distil_weight: Annotated[Float, Field(gt=0, le=100)] = 1.0  # a distillation row's weight (ridge heads)
+    teacher: StrictStr = ""  # a bundled model or checkpoint whose scores are the targets (resmemnet.train.teacher)
+    human_weight: Annotated[Float, Field(ge=0, le=1)] = 0.5  # with a teacher: the human score's share in a
+    # labelled image's target (the rest is the teacher's); distil_dirs photos take the teacher's score
+    frozen_until: Literal["", "layer1", "layer2", "layer3"] = ""  # trained phases train only the blocks after
+    # this stage, from cached maps of its output (a ResNet's stem and early stages stay as initialised)
     ensemble_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # () = every group
     fallback_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # gated-ensemble
     gate_groups: Annotated[tuple[StrictStr, ...], Field(max_length=100, strict=False)] = ()  # the gate's features
@@ -152,11 +158,18 @@ class TrainConfig(BaseModel):
                              "(the statistics come from the cached taps of a fixed backbone)")
         if self.distil_csv and not all_frozen_cached:
             raise ValueError("distil_csv needs every phase frozen and cache_features=true")
-        if bool(self.distil_dirs) != bool(self.distil_tap):
-            raise ValueError("distil_dirs and distil_tap go together: folders of unlabelled photos, and the "
-                             "backbone tap (e.g. 'resmem.score') whose value becomes their target")
-        if self.distil_dirs and not all_frozen_cached:
-            raise ValueError("distil_dirs needs every phase frozen and cache_features=true")
+        if self.teacher:
+            if self.distil_tap or self.distil_csv or self.model.head in POOLED_HEADS or self.standardise:
+                raise ValueError("teacher gives every target itself: leave distil_tap and distil_csv empty, and "
+                                 "train a head by gradient steps (not a pooled head) without standardise")
+        elif bool(self.distil_dirs) != bool(self.distil_tap):
+            raise ValueError("distil_dirs needs a source of targets: distil_tap (a backbone tap such as "
+                             "'resmem.score' whose value becomes their target) or teacher (a model's scores)")
+        if self.distil_dirs and not self.teacher and not all_frozen_cached:
+            raise ValueError("distil_dirs with distil_tap needs every phase frozen and cache_features=true")
+        if self.frozen_until and (not self.cache_features or self.crop):
+            raise ValueError("frozen_until trains from cached maps: it needs cache_features=true and square "
+                             "inputs without a crop (crop=0)")
         if self.model.head in POOLED_HEADS:
             if not all_frozen_cached or self.total_epochs != 1 or self.standardise or self.augment != "none":
                 raise ValueError(f"head {self.model.head!r} is fitted in closed form on cached features: give one "
@@ -170,6 +183,9 @@ class TrainConfig(BaseModel):
         if self.model.head != "gated-ensemble" and any(gate_options):
             raise ValueError(f"fallback_groups, gate_groups and gate_dirs need head 'gated-ensemble', "
                              f"not {self.model.head!r}")
+        if self.crop > self.image_size:
+            raise ValueError(f"crop {self.crop} is larger than image_size {self.image_size}: the centre crop is "
+                             "taken from the resized image")
         if self.calibrate and self.model.output != "sigmoid":
             raise ValueError("calibrate=true needs model.output='sigmoid'")
         names = [c.name for c in self.candidates]
@@ -228,9 +244,17 @@ class TrainConfig(BaseModel):
 
 
 def _describe(exc: ValidationError) -> str:
-    """pydantic's report as one line: 'phases.0.lr_max: Input should be a finite number (got inf)'."""
+    """pydantic's report as one line: 'phases.0.lr_max: Input should be a finite number (got inf)'.
+
+    A list whose items failed is also reported too short, counted without them ("Tuple should have at
+    least 1 item"); that follows from the item's error, so only the item's is shown.
+    """
+    errors = exc.errors()
+    failed_inside = {err["loc"][:i] for err in errors for i in range(1, len(err["loc"]))}
     parts = []
-    for err in exc.errors():
+    for err in errors:
+        if err["type"] == "too_short" and err["loc"] in failed_inside:
+            continue
         where = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             parts.append(f"Unknown config key {where!r}")

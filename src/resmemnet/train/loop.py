@@ -68,6 +68,7 @@ from resmemnet.train.targets import (
     tap_column,
     teacher_targets,
 )
+from resmemnet.train.teacher import teacher_scores
 
 __all__ = ["RESUME_FILE", "RunResult", "TrainState", "TrainingDiverged", "as_stored", "config_changes",
            "evaluate", "model_preprocessing", "predict_rows", "read_log", "record_test", "train"]
@@ -135,18 +136,23 @@ def model_preprocessing(config: TrainConfig) -> Preprocessing:
 class _Net(nn.Module):
     """Backbone under autocast, head in float32: the head is cheap, and a bf16 LSTM/sigmoid output has
     too few distinct values to rank images. One module, so DDP wraps the cached and uncached paths alike.
-    Cached inputs are standardised first when the run standardises."""
+    Cached inputs are standardised first when the run standardises; cached trunk rows (`trunk_start` > 0)
+    run the trunk's blocks from that tap on."""
 
     def __init__(self, model: ResMemNet, precision: PrecisionChoice, pooled_inputs: bool,
-                 standardiser: Standardiser | None):
+                 standardiser: Standardiser | None, trunk_start: int = 0):
         super().__init__()
         self.model = model
         self.precision = precision
         self.pooled_inputs = pooled_inputs
         self.standardiser = standardiser
+        self.trunk_start = trunk_start
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.pooled_inputs:
+        if self.trunk_start:
+            with autocast(x.device, self.precision):
+                x = self.model.pool_rows(x, self.trunk_start)
+        elif not self.pooled_inputs:
             with autocast(x.device, self.precision):
                 x = self.model.pool_taps(x)
         elif self.standardiser is not None:
@@ -311,6 +317,8 @@ class _Data:
     cached_val: CachedRows | None = None
     standardiser: Standardiser | None = None
     cached_gate: CachedRows | None = None  # photos unlike the train images, for a gated head's gate
+    cached_rows: CachedRows | None = None  # trunk rows of the train rows, for trained phases (frozen_until)
+    trunk_start: int = 0  # the first tap those phases run (0: no trunk rows)
 
 
 @dataclass
@@ -368,13 +376,22 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
     train_ds = ImageScoreDataset([full_train.paths[i] for i in kept], train_targets[kept])
     split = Split(train=train_ds, test=split.test, val=val_ds, info=info)
     data = _Data(train_ds, val_ds, train_ds.scores.astype(np.float32), val_ds.scores.astype(np.float32))
-    if not (config.cache_features and any(p.frozen for p in config.phases)):
-        return split, data
-
     kwargs = {"dtype": config.cache_dtype, "batch_size": 2 * config.batch_size, "workers": config.workers,
               "device": device, "precision": precision, "progress": config.progress and dist.is_main}
     cache_dir = _cache_dir(config, output)
     views = 2 if config.augment == "hflip" else 1
+    if config.teacher:
+        data = _teacher_data(config, data, cache_dir / "teacher", precision, dist)
+        if config.cache_features and any(p.frozen for p in config.phases):
+            data.cached_train = CachedRows.of(build_feature_cache(model, data.train, cache_dir, views=views, **kwargs))
+            data.cached_val = CachedRows.of(build_feature_cache(model, data.val, cache_dir, **kwargs))
+    if config.frozen_until and not config.frozen_throughout:
+        data.trunk_start = model.backbone.stage_end(config.frozen_until)
+        data.cached_rows = CachedRows.of(build_feature_cache(model, data.train, cache_dir, views=views,
+                                                             start=data.trunk_start, **kwargs))
+    if config.teacher or not (config.cache_features and any(p.frozen for p in config.phases)):
+        return split, data
+
     train_cache = build_feature_cache(model, full_train, cache_dir, views=views, **kwargs)
     data.cached_train = CachedRows.of(train_cache, kept)
     data.cached_val = (CachedRows.of(train_cache, held_out) if held_out is not None else
@@ -404,6 +421,24 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
     return split, data
 
 
+def _teacher_data(config: TrainConfig, data: _Data, cache_dir: Path, precision: PrecisionChoice,
+                  dist: Distributed) -> _Data:
+    """Train rows with the teacher's targets: each train image's blended with its human score, then the
+    distil_dirs photos with the teacher's own. Photos the teacher could not read are left out."""
+    if dist.enabled and not dist.is_main:
+        raise ValueError("a teacher's scores are computed in one process: run the command once without "
+                         "torchrun (its cache is reused), then under torchrun")
+    photos = distil_images(config.distil_dirs, config.distil_stride) if config.distil_dirs else []
+    paths = [str(p) for p in data.train.paths] + photos
+    scores = teacher_scores(config.teacher, paths, cache_dir, precision=precision.name, workers=config.workers,
+                            progress=config.progress)
+    n = len(data.train)
+    scores[:n] = config.human_weight * data.train_targets + (1 - config.human_weight) * scores[:n]
+    keep = np.flatnonzero(np.isfinite(scores))
+    train = ImageScoreDataset([paths[i] for i in keep], scores[keep])
+    return replace(data, train=train, train_targets=train.scores.astype(np.float32))
+
+
 def _setup(config: TrainConfig, split: Split, output: Path, resume: bool, metadata: dict[str, Any]) -> _Run:
     """Processes, device, precision, resume state, data (and feature caches), model; then config.json and logs."""
     wants_cuda = config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available())
@@ -429,7 +464,8 @@ def _setup(config: TrainConfig, split: Split, output: Path, resume: bool, metada
     targets = "every participant's mean score" if config.target == "mean" else "the split's training scores"
     training_data = (f"{split.info.get('dataset', 'dataset')} split {split.info.get('split', 0)} (seed "
                      f"{split.info.get('seed', config.seed)}): {len(data.train_targets)} training rows "
-                     f"({len(split.train)} train images{', plus distillation rows' if config.distil_csv else ''}), "
+                     f"({len(split.train)} train images"
+                     f"{', plus distillation rows' if config.distil_csv or config.distil_dirs else ''}), "
                      f"{len(split.val)} validation images; targets: {targets}")
     model.metadata.update(train_config=config.to_dict(), split=_json_safe(split.info), training_data=training_data,
                           **metadata)
@@ -476,6 +512,13 @@ def _train_phase(run: _Run, phase_idx: int, epoch_offset: int) -> None:
         model.freeze_backbone()
     else:
         model.unfreeze_backbone()
+    trunk_start = 0 if phase.frozen else run.data.trunk_start
+    if trunk_start:  # the blocks before trunk_start are cached: they neither run nor train
+        for tap in model.backbone.taps[:trunk_start]:
+            model.backbone.net.get_submodule(tap).requires_grad_(False)
+        for name, module in model.backbone.net.named_children():
+            if not name.startswith("layer"):  # the stem
+                module.requires_grad_(False)
     model.train()
     cached = phase.frozen and run.data.cached_train is not None
     # A fresh optimizer per phase: the trainable set (and the paper's LR range) changes between phases.
@@ -487,7 +530,8 @@ def _train_phase(run: _Run, phase_idx: int, epoch_offset: int) -> None:
         optimizer.load_state_dict(run.saved.optimizer)
         scheduler.load_state_dict(run.saved.scheduler)
         run.scaler.load_state_dict(run.saved.scaler)
-    net: nn.Module = _Net(model, run.precision, pooled_inputs=cached, standardiser=run.data.standardiser)
+    net: nn.Module = _Net(model, run.precision, pooled_inputs=cached, standardiser=run.data.standardiser,
+                          trunk_start=trunk_start)
     if dist.enabled:
         net = DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                                       broadcast_buffers=not phase.frozen)
@@ -497,7 +541,7 @@ def _train_phase(run: _Run, phase_idx: int, epoch_offset: int) -> None:
     with _one_thread(cached and run.device.type == "cpu"):
         for epoch in range(first_epoch, phase.epochs):
             seconds, images = _train_epoch(run, net, optimizer, scheduler, phase_idx, epoch, epoch_offset + epoch,
-                                           cached)
+                                           cached, trunk_start)
             if _end_epoch(run, phase_idx, epoch, epoch_offset + epoch, cached, scheduler.get_last_lr()[0], seconds,
                           images, optimizer, scheduler):
                 break
@@ -517,7 +561,7 @@ def _one_thread(enabled: bool) -> Iterator[None]:
 
 
 def _train_epoch(run: _Run, net: nn.Module, optimizer: CostAugmentedAdam, scheduler: Any, phase_idx: int,
-                 epoch: int, global_epoch: int, cached: bool) -> tuple[float, int]:
+                 epoch: int, global_epoch: int, cached: bool, trunk_start: int) -> tuple[float, int]:
     """One pass over the training batches; returns (seconds, images seen by this rank)."""
     config, state, dist, data = run.config, run.state, run.dist, run.data
     run.sampler.set_epoch(global_epoch)
@@ -526,11 +570,15 @@ def _train_epoch(run: _Run, net: nn.Module, optimizer: CostAugmentedAdam, schedu
     if start == 0:
         state.loss_sum, state.loss_count = 0.0, 0
     flip = partial(flip_for, config.seed, global_epoch) if config.augment == "hflip" else None
-    source = (_cached_batches(data.cached_train, data.train_targets, batches[start:], flip) if cached else
-              _image_batches(data.train, data.train_targets, run.model.preprocessing.transforms(), batches[start:],
-                             flip, config.workers, run.device.type == "cuda"))
+    if cached or trunk_start:
+        rows = data.cached_train if cached else data.cached_rows
+        source = _cached_batches(rows, data.train_targets, batches[start:], flip)
+    else:
+        source = _image_batches(data.train, data.train_targets, run.model.preprocessing.transforms(), batches[start:],
+                                flip, config.workers, run.device.type == "cuda")
     bar = tqdm(total=len(batches), initial=start, disable=not (config.progress and dist.is_main),
-               desc=f"epoch {global_epoch + 1}/{config.total_epochs} ({'cached' if cached else 'images'})",
+               desc=f"epoch {global_epoch + 1}/{config.total_epochs} "
+                    f"({'cached' if cached else 'trunk rows' if trunk_start else 'images'})",
                unit="batch", leave=False)
     t0 = time.perf_counter()
     images_seen = 0
@@ -541,7 +589,7 @@ def _train_epoch(run: _Run, net: nn.Module, optimizer: CostAugmentedAdam, schedu
         torch.manual_seed(_step_seed(config.seed, state.global_step, dist.rank))
         if x is not None:
             x, y = x.to(run.device, non_blocking=True), y.to(run.device)
-            if not cached and config.channels_last:
+            if not cached and not trunk_start and config.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             loss = F.mse_loss(net(x), y)
             where = f"epoch {global_epoch + 1}, step {step + 1}"
@@ -702,7 +750,8 @@ def _store_best(run: _Run) -> None:
     best = load_checkpoint(best_path).to(run.device)
     extra: dict[str, Any] = {"finished": True}
     if config.calibrate:
-        val = run.data.cached_val if run.data.cached_val is not None else run.data.val
+        # the cached taps are the trunk's only while it never trains
+        val = run.data.cached_val if config.frozen_throughout and run.data.cached_val is not None else run.data.val
         pred, idx, _ = predict_rows(best, val, batch_size=2 * config.batch_size, workers=config.workers,
                                     device=run.device, precision=run.precision.name)
         extra["calibration"] = calibrate(best, pred, run.data.val_targets[idx])
@@ -710,11 +759,14 @@ def _store_best(run: _Run) -> None:
 
 
 def as_stored(model: ResMemNet, config: TrainConfig) -> ResMemNet:
-    """The model in its storage dtype: fp16 halves the file; loading casts back to float32."""
+    """The model in its storage dtype: fp16 halves the file; loading casts back to float32. A trunk that
+    trained is stored too, so it is halved as well; a frozen one comes from its offline source."""
     if config.head_dtype == "float16":
         if model.projection is not None:
             model.projection.half()
         model.head.half()
+        if not config.frozen_throughout:
+            model.backbone.half()
     return model
 
 
@@ -749,7 +801,8 @@ def record_test(config: TrainConfig, split: Split, run_dir: str | Path, *,
     if config.test_protocol == "every_subject_split":
         test["every_subject_split"] = subject_split_test(split.info, [split.test.paths[i] for i in idx], pred)
     test_spearman = test["every_subject_split"]["mean"] if "every_subject_split" in test else test["spearman"]
-    save_checkpoint(as_stored(scored, config), best_path, metadata={"test": test, "test_spearman": test_spearman},
+    save_checkpoint(as_stored(scored, config), best_path, metadata={"test": test, "test_spearman": test_spearman,
+                                                                 "test_precision": precision.name},
                     include_backbone=read_metadata(best_path)["backbone_in_file"])
     _write_bad_images(run_dir, test_errors)
     metrics_path = run_dir / "metrics.json"
