@@ -357,7 +357,8 @@ def _cache_dir(config: TrainConfig, output: Path) -> Path:
 
 def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: Path, device: torch.device,
                   precision: PrecisionChoice, dist: Distributed) -> tuple[Split, _Data]:
-    """Carve validation, pick the targets, and fill the feature cache when every phase keeps the backbone frozen.
+    """Carve validation, pick the targets (a teacher's, when the config names one), and fill the feature caches:
+    pooled taps for frozen phases, trunk rows for trained phases that start after `frozen_until`.
 
     The cache is built over the split's own parts (train before carving, val if shipped, test), so a
     different validation carve or target reuses it; every rank waits on the same file lock.
@@ -380,16 +381,17 @@ def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: P
               "device": device, "precision": precision, "progress": config.progress and dist.is_main}
     cache_dir = _cache_dir(config, output)
     views = 2 if config.augment == "hflip" else 1
+    frozen_cached = config.cache_features and any(p.frozen for p in config.phases)
     if config.teacher:
         data = _teacher_data(config, data, cache_dir / "teacher", precision, dist)
-        if config.cache_features and any(p.frozen for p in config.phases):
+        if frozen_cached:
             data.cached_train = CachedRows.of(build_feature_cache(model, data.train, cache_dir, views=views, **kwargs))
             data.cached_val = CachedRows.of(build_feature_cache(model, data.val, cache_dir, **kwargs))
     if config.frozen_until and not config.frozen_throughout:
         data.trunk_start = model.backbone.stage_end(config.frozen_until)
         data.cached_rows = CachedRows.of(build_feature_cache(model, data.train, cache_dir, views=views,
                                                              start=data.trunk_start, **kwargs))
-    if config.teacher or not (config.cache_features and any(p.frozen for p in config.phases)):
+    if config.teacher or not frozen_cached:
         return split, data
 
     train_cache = build_feature_cache(model, full_train, cache_dir, views=views, **kwargs)
