@@ -108,6 +108,13 @@ def link_photos(limit: int, folder: Path) -> list[Path]:
     return links
 
 
+def scratch_photos(out: Path | None, limit: int, prefix: str) -> tuple[Path, list[Path]]:
+    """The scratch folder (`out`, or a new temp dir) and the photo links in its `photos/`."""
+    scratch = (out or Path(tempfile.mkdtemp(prefix=prefix))).resolve()
+    scratch.mkdir(parents=True, exist_ok=True)
+    return scratch, link_photos(limit, scratch / "photos")
+
+
 def timed(command: list[str], scratch: Path, env: dict[str, str]) -> dict[str, float]:
     """One process under GNU time: wall seconds, max RSS (KB) of its largest process, peak tree RSS (KB)."""
     import psutil
@@ -169,9 +176,7 @@ def main() -> int:
 
     from scipy.stats import spearmanr
 
-    scratch = (args.out or Path(tempfile.mkdtemp(prefix="bench_default_"))).resolve()
-    scratch.mkdir(parents=True, exist_ok=True)
-    photos = link_photos(args.limit, scratch / "photos")
+    scratch, photos = scratch_photos(args.out, args.limit, "bench_default_")
     folder = str(scratch / "photos")
     exe = str(Path(sys.executable).parent / "resmemnet")
     env = {**os.environ, **({"ONEDNN_MAX_CPU_ISA": args.isa} if args.isa else {})}

@@ -26,7 +26,8 @@ from resmemnet.model.resmemnet import create_model
 from resmemnet.runtime import choose_precision
 from resmemnet.train.cache import build_feature_cache
 from resmemnet.train.config import load_config
-from resmemnet.train.loop import model_preprocessing, train
+from resmemnet.train.data import model_preprocessing
+from resmemnet.train.loop import train
 
 LNSIM = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "lnsim"
 

@@ -124,7 +124,7 @@ def test_newer_format_asks_for_an_upgrade(tmp_path):
 def _offline_source(monkeypatch, name: str, arch: str) -> torch.nn.Module:
     """Register a trunk weights object that fits `arch` and holds a fixed random net."""
     net = create_model(arch).backbone.net
-    monkeypatch.setitem(weights_module._WEIGHTS, name, Weights(
+    monkeypatch.setitem(weights_module.WEIGHTS._entries, name, Weights(
         name=name, kind="trunk", arch=arch, loader=lambda a: net.state_dict(), preprocessing=Preprocessing(),
         meta={"licence": "test", "offline": True}))
     return net

@@ -17,6 +17,7 @@ from safetensors import safe_open
 from resmemnet.checkpoint import read_metadata
 from resmemnet.cli import main
 from resmemnet.data import load_split
+from resmemnet.evaluate import evaluate
 from resmemnet.metrics import spearman
 from resmemnet.model.backbones import BackboneWeightsError
 from resmemnet.model.config import ModelConfig
@@ -27,7 +28,6 @@ from resmemnet.predict import predict
 from resmemnet.pretrained import DEFAULT_MODEL, bundled_file, load_model, resolve_checkpoint
 from resmemnet.train.cache import CachedRows, FeatureCache, cache_key
 from resmemnet.train.config import TrainConfig, load_config
-from resmemnet.train.loop import predict_rows
 from resmemnet.train.targets import mean_targets, subject_split_test
 from tests.conftest import make_photo, shared_dataset
 
@@ -101,8 +101,8 @@ def test_recorded_test_rho_is_the_files_on_the_held_out_features(name: str) -> N
     split = load_split("lnsim", shared_dataset("lnsim"), split=0, seed=config.seed)
     if not config.frozen_throughout:  # the trunk trained: its file holds it, so the images are scored again
         model = load_model(name)
-        scores, idx, _ = predict_rows(model, split.test, precision=meta["test_precision"], workers=2)
-        again = subject_split_test(split.info, [split.test.paths[i] for i in idx], scores)
+        scored = evaluate(model, split.test, precision=meta["test_precision"], workers=2)
+        again = subject_split_test(split.info, [split.test.paths[i] for i in scored.positions], scored.predicted)
         assert again["mean"] == pytest.approx(meta["test_spearman"], abs=1e-4)
         return
     for package in get_weights(config.model.backbone_weights).meta["package"].split(", "):
@@ -113,8 +113,8 @@ def test_recorded_test_rho_is_the_files_on_the_held_out_features(name: str) -> N
     if not (folder / "meta.json").is_file():
         pytest.skip(f"no feature cache of the held-out images at {folder}: run the build command first")
     rows = CachedRows.of(FeatureCache.open(folder))
-    scores, idx, _ = predict_rows(model, rows, precision="fp32")
-    again = subject_split_test(split.info, [split.test.paths[i] for i in idx], scores)
+    scored = evaluate(model, rows, split.test.scores, precision="fp32")
+    again = subject_split_test(split.info, [split.test.paths[i] for i in scored.positions], scored.predicted)
     assert again["mean"] == pytest.approx(meta["test_spearman"], abs=1e-4)
 
 

@@ -12,7 +12,6 @@ from resmemnet import create_model, save_checkpoint
 from resmemnet.cli import main
 from resmemnet.data import load_split
 from resmemnet.data.base import ImageScoreDataset
-from resmemnet.data.images import ImageLoadError
 from resmemnet.evaluate import evaluate, evaluate_splits
 from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.predict import predict
@@ -44,24 +43,14 @@ def mixed_folder(tmp_path):
     return good, bad
 
 
-def test_folder_of_good_and_bad_images_gives_tensors_or_errors_naming_the_file(mixed_folder, tiny_model):
-    good, bad = mixed_folder
-    dataset = ImageScoreDataset([*good, *bad], np.linspace(0, 1, len(good) + len(bad)),
-                                tiny_model.preprocessing.transforms())
-    for i in range(len(good)):
-        image, _ = dataset[i]
-        assert image.shape == (3, 64, 64) and image.isfinite().all()
-    for i, (path, reason) in enumerate(bad.items(), len(good)):
-        with pytest.raises(ImageLoadError, match=reason) as info:
-            dataset[i]
-        assert str(path) in str(info.value)
-
-
 def test_metrics_are_over_the_whole_set_and_bad_images_are_listed(mixed_folder, tiny_model):
     good, bad = mixed_folder
     paths = [*good[:3], *bad, *good[3:]]  # bad files in the middle: later scores must not shift
     true = np.array([0.1, 0.5, 0.5, 0.9, 0.2, 0.5, 0.7, 0.3, 0.4, 0.6])  # ties on purpose
-    result = evaluate(tiny_model, ImageScoreDataset(paths, true), batch_size=3, precision="fp32")
+    evaluation = evaluate(tiny_model, ImageScoreDataset(paths, true), batch_size=3, precision="fp32")
+    assert evaluation.positions.tolist() == [0, 1, 2, 7, 8, 9] and evaluation.true.tolist() == pytest.approx(
+        true[evaluation.positions].tolist())
+    result = evaluation.to_dict(paths)
     assert (result["n_images"], result["n_scored"], result["n_failed"]) == (10, 6, 4)
     assert [f["path"] for f in result["failed"]] == [str(p) for p in bad]
     for failure, reason in zip(result["failed"], bad.values(), strict=True):
@@ -74,6 +63,23 @@ def test_metrics_are_over_the_whole_set_and_bad_images_are_listed(mixed_folder, 
     assert result["metrics"]["n"] == 6
     with pytest.raises(ValueError, match="Only 0 of 1 images could be scored"):
         evaluate(tiny_model, ImageScoreDataset([good[0].parent / "zero.jpg"], [0.5]))
+
+
+def test_cached_rows_are_scored_like_their_images(mixed_folder, tiny_model, tmp_path):
+    """The same evaluate over a feature cache's rows: the head alone, the same scores, the cache's failures."""
+    from resmemnet.train.cache import CachedRows, build_feature_cache
+
+    good, bad = mixed_folder
+    paths = [*good, *list(bad)[:1]]
+    data = ImageScoreDataset(paths, np.linspace(0.1, 0.9, len(paths)))
+    rows = CachedRows.of(build_feature_cache(tiny_model, data, tmp_path / "cache", dtype="float32", device="cpu"))
+    cached = evaluate(tiny_model, rows, data.scores, precision="fp32")
+    images = evaluate(tiny_model, data, precision="fp32")
+    assert cached.positions.tolist() == images.positions.tolist() == list(range(len(good)))
+    np.testing.assert_allclose(cached.predicted, images.predicted, rtol=1e-4, atol=1e-5)
+    assert cached.failures == images.failures and "empty file" in cached.failures[0]
+    with pytest.raises(ValueError, match="against given targets"):
+        evaluate(tiny_model, rows)
 
 
 def test_splits_summary_has_mean_std_and_human_consistency(tmp_path, tiny_model):

@@ -7,11 +7,13 @@ from PIL import Image
 
 from resmemnet import ImageLoadError, Preprocessing, create_model, predict
 from resmemnet.explain import Explanation, explain, resolve_layer
+from resmemnet.inference import OnnxScorer, TorchScorer, precision_for
 from tests.conftest import make_photo
 
 
 @pytest.fixture(scope="module")
 def model():
+    torch.manual_seed(0)  # an untrained model: some seeds give a map that is negative (so zero) everywhere
     return create_model("mobilenet_v3_large", proj_dim=16, hidden_dim=8,
                         preprocessing=Preprocessing(resize=(64, 64))).eval()
 
@@ -106,7 +108,8 @@ def test_explain_cli_writes_overlays_heatmaps_sidecars_and_a_contact_sheet(model
     assert rc == 1 and "broken.jpg: not an image" in capsys.readouterr().err
     sidecar = json.loads((out / "img3.json").read_text())
     assert sidecar["layer"] == model.cam_layer and sidecar["path"] == str(photo_dir / "img3.jpg")
-    np.testing.assert_allclose(sidecar["score"], predict(photo_dir / "img3.jpg", model), atol=1e-5)
+    assert sidecar["precision"] == precision_for("auto").name  # the CLI's policy, as `resmemnet predict` has it
+    np.testing.assert_allclose(sidecar["score"], predict(photo_dir / "img3.jpg", model, precision="auto"), atol=1e-6)
     heatmap = np.load(out / sidecar["heatmap"])
     assert heatmap.shape == (40, 48) and Image.open(out / sidecar["overlay"]).size == (48, 40)
     assert len(list(out.glob("*.cam.png"))) == 6 and not (out / "broken.json").exists()
@@ -144,3 +147,18 @@ def test_explain_leaves_the_callers_model_as_it_was(model):
     np.testing.assert_allclose([e.score for e in out], predict(_images(2), model), atol=1e-5)  # scored in eval mode
     for p in model.head.parameters():
         p.grad = None
+
+
+def test_a_scorers_own_pass_is_explained_at_its_precision():
+    sensitive = create_model("mobilenet_v3_large", head="linear-ensemble", members=2,
+                             preprocessing=Preprocessing(resize=(64, 64))).eval()
+    torch.nn.init.normal_(sensitive.head.fc.weight, std=0.05)  # a read-out whose score moves with its input
+    images = _images(2)
+    bf16 = TorchScorer(sensitive, device="cpu", precision="bf16")
+    scores = [e.score for e in explain(images, bf16)]
+    np.testing.assert_allclose(scores, predict(images, bf16), atol=1e-6, rtol=0)
+    assert np.abs(np.array(scores) - predict(images, sensitive)).max() > 1e-5  # bf16, not the library's fp32
+    onnx = OnnxScorer.__new__(OnnxScorer)  # never run: Grad-CAM refuses it before any work
+    with pytest.raises(TypeError, match="Grad-CAM needs gradients, which a OnnxScorer has not"):
+        explain(images, onnx)
+

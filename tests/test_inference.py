@@ -126,7 +126,7 @@ def bundled_with_int8(model, tmp_path, monkeypatch):
     from resmemnet.model import weights
 
     int8 = _tiny_onnx(tmp_path / "tiny.int8.onnx", "int8")
-    monkeypatch.setitem(weights._WEIGHTS, "tiny-int8", weights.Weights(
+    monkeypatch.setitem(weights.WEIGHTS._entries, "tiny-int8", weights.Weights(
         name="tiny-int8", kind="model", loader=lambda: model, preprocessing=model.preprocessing, arch=model.config,
         meta={"licence": "test", "offline": True, "file": "tiny.safetensors", "int8_onnx": int8}))
     monkeypatch.setattr(pretrained, "DEFAULT_MODEL", "tiny-int8")
@@ -174,3 +174,21 @@ def test_an_ensemble_model_gives_the_mean_and_spread_of_its_members(tmp_path):
     paths = [make_photo(tmp_path / f"{i}.png", size=(40, 40)) for i in range(2)]
     rows = [r for b in score_paths(paths, scorer) for r in b]
     assert all(r.score_std is not None and r.score_std > 0 for r in rows)
+
+
+def test_a_default_batch_fits_the_activation_budget():
+    small = TorchScorer(create_model("resnet50", preprocessing=Preprocessing(resize=(160, 160))), device="cpu")
+    big = TorchScorer(create_model("resnet50", preprocessing=Preprocessing(resize=(1024, 1024))), device="cpu")
+    per_image = big.model.activation_bytes((1024, 1024))
+    assert per_image == 16 * 256 * 256 * 256  # layer1's 256 x 256 x 256 output map, as four fp32 copies
+    assert small.batch_size_for() == 32  # capped: a larger batch gains nothing
+    assert big.batch_size_for() == (1 << 30) // per_image == 4
+    assert big.batch_size_for(budget=1) == 1  # never zero
+    assert small.model.activation_bytes((160, 320)) == 2 * small.model.activation_bytes((160, 160))
+
+
+def test_score_paths_without_a_batch_size_uses_the_scorers(model, tmp_path, monkeypatch):
+    paths = [make_photo(tmp_path / f"{i}.jpg", seed=i) for i in range(5)]
+    scorer = TorchScorer(model, device="cpu", precision="fp32")
+    monkeypatch.setattr(scorer, "batch_size_for", lambda budget=None: 2)
+    assert [len(rows) for rows in score_paths(paths, scorer)] == [2, 2, 1]

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from safetensors import SafetensorError, safe_open
 
 from resmemnet import __version__
+from resmemnet.fileio import atomic_path
 from resmemnet.model.config import ModelConfig
 from resmemnet.model.preprocessing import Preprocessing
 
@@ -37,8 +36,8 @@ if TYPE_CHECKING:
 # torch, and the model (torchvision), are imported inside the functions that build or hash tensors:
 # read_metadata needs neither, so a bad checkpoint is refused before they load.
 
-__all__ = ["FORMAT", "MAX_INPUT_SIDE", "CheckpointError", "atomic_save_file", "load_checkpoint", "read_metadata",
-           "save_checkpoint"]
+__all__ = ["FORMAT", "MAX_INPUT_SIDE", "CheckpointError", "load_checkpoint", "read_metadata", "save_checkpoint",
+           "save_tensors"]
 
 FORMAT = "resmemnet-checkpoint"
 FORMAT_VERSION = 2  # 2: the SHA-256 covers the metadata too; version-1 files (tensors only) still load
@@ -124,24 +123,16 @@ def save_checkpoint(model: ResMemNet, path: str | Path, *, metadata: dict[str, A
     }
     meta = json.loads(json.dumps(meta))  # hash exactly what a reader will parse (tuples become lists)
     meta["weights_sha256"] = weights_digest(tensors, meta)
-    return atomic_save_file(tensors, path, {_META_KEY: json.dumps(meta)})
+    return save_tensors(tensors, path, {_META_KEY: json.dumps(meta)})
 
 
-def atomic_save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
-    """safetensors.save_file via a temp file + rename: readers see the old file or the new one, never half."""
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """safetensors.save_file through resmemnet.fileio.atomic_path: readers see the old file or the new one."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
 
 
 def _check_readable(path: Path) -> None:

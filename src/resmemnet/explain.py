@@ -1,7 +1,10 @@
 """Grad-CAM heatmaps of what drives a memorability score (the paper's "GradRAM"), via pytorch-grad-cam.
 
-The target is the raw score itself (a regression target), the layer is found by name
-(default: the model's last backbone stage) and the library's hooks live only inside `with`.
+Grad-CAM differentiates the scorer's own forward pass (`TorchScorer.forward`): the same decoding,
+model, views, device and precision as `predict`, so an explanation's score is the score `predict`,
+`resmemnet predict` and the server give. The target is the raw score itself (a regression target),
+the layer is found by name (default: the model's last backbone stage) and the library's hooks live
+only inside `with`.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from tqdm import tqdm
 
 from resmemnet.data.images import ImageLoadError, load_image
 from resmemnet.fileio import atomic_write
-from resmemnet.inference import TorchScorer, eval_mode, model_on, score_paths
+from resmemnet.inference import Scorer, TorchScorer, eval_mode, score_paths
 from resmemnet.jobs import read_rows, scan_images
+from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ResMemNet
+from resmemnet.predict import ModelLike, as_scorer, preprocess
 from resmemnet.pretrained import load_model
-from resmemnet.runtime import resolve_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,7 +38,8 @@ if TYPE_CHECKING:
 # pytorch-grad-cam (which pulls in scikit-learn) and matplotlib are imported where they are used:
 # `import resmemnet` and the CLI's start-up do not pay for them.
 
-__all__ = ["ExplainInput", "ExplainJob", "Explanation", "contact_sheet", "explain", "resolve_layer", "run_explain"]
+__all__ = ["ExplainInput", "ExplainJob", "Explanation", "contact_sheet", "explain", "explain_batch", "resolve_layer",
+           "run_explain"]
 
 ExplainInput = str | PathLike[str] | Image.Image
 
@@ -60,18 +65,17 @@ def resolve_layer(model: ResMemNet, layer: str | None = None) -> torch.nn.Module
                          f"(all names: model.named_modules())") from None
 
 
-@contextlib.contextmanager
-def _one_view(model: ResMemNet) -> Iterator[None]:
-    """Grad-CAM needs one forward pass per image: a backbone that also reads the mirror image (`flip_views`,
-    resmem-experts) reads the image alone while explaining, so its score there can differ slightly."""
-    flips = getattr(model.backbone, "flip_views", False)
-    if flips:
-        model.backbone.flip_views = False
-    try:
-        yield
-    finally:
-        if flips:
-            model.backbone.flip_views = True
+class _ScorerPass(torch.nn.Module):
+    """The scorer's forward pass as the module pytorch-grad-cam calls; its model is registered, so the
+    library finds the device and the target layer's hooks see the scorer's own pass."""
+
+    def __init__(self, scorer: TorchScorer):
+        super().__init__()
+        self.model = scorer.model
+        self.scorer = scorer
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        return self.scorer.forward(batch)
 
 
 def _overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
@@ -81,12 +85,11 @@ def _overlay(image: Image.Image, heatmap: np.ndarray) -> Image.Image:
     return Image.fromarray(show_cam_on_image(rgb, heatmap, use_rgb=True, image_weight=0.5))
 
 
-def _to_image_frame(cam: np.ndarray, model: ResMemNet, size: tuple[int, int]) -> np.ndarray:
+def _to_image_frame(cam: np.ndarray, prep: Preprocessing, size: tuple[int, int]) -> np.ndarray:
     """A CAM over the network input -> a heatmap over the whole (width, height) image.
 
     With a centre crop the CAM covers only the crop, so it is placed in the resized frame (zero outside).
     """
-    prep = model.preprocessing
     if prep.crop is not None:
         frame = np.zeros(prep.resize, dtype=np.float32)
         top, left = (prep.resize[0] - prep.crop[0]) // 2, (prep.resize[1] - prep.crop[1]) // 2
@@ -109,62 +112,108 @@ def _untouched_parameters(model: torch.nn.Module) -> Iterator[None]:
             p.grad = grad
 
 
-def explain(inputs: ExplainInput | Sequence[ExplainInput], model: ResMemNet | str | PathLike[str] | None = None, *,
-            layer: str | None = None, batch_size: int = 8, device: str | torch.device = "auto") -> list[Explanation]:
-    """Score and explain images (paths or PIL images), in input order.
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """The target layer's activations and gradients as fp32: under bf16 or fp16 autocast they are not, and the
+    library hands them to NumPy."""
+    return t.float()
 
-    `model` is a loaded model, a checkpoint path or a bundled name; None means the bundled default.
-    A given model is left as it was (mode, device, gradients); on another device a copy is explained.
-    A bad image raises ImageLoadError naming it.
+
+def _cams(scorer: TorchScorer, batch: torch.Tensor, layer: str | None) -> tuple[np.ndarray, list[float]]:
+    """Grad-CAM maps (one per image, over the network input) and scores, from one gradient pass of the scorer.
+
+    A backbone that also reads the mirror image (resmem-experts) runs the target layer once per view, the image's
+    first; pytorch-grad-cam maps the first run, so the heatmap is the image's own view, weighted by the gradient
+    of the score that both views give.
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import RawScoresOutputTarget
 
-    model = model if isinstance(model, ResMemNet) else load_model(model)
+    model, name = scorer.model, layer or scorer.model.cam_layer
+    target_layer = resolve_layer(model, layer)
+    cams, scores = None, []
+    # Grad-CAM needs autograd even when called from inside torch.inference_mode (e.g. a server); the clone is an
+    # ordinary tensor there. The input requires grad, so a frozen backbone still yields gradients at the layer.
+    # cudnn refuses the LSTM backward in eval mode, so it is off here.
+    with torch.inference_mode(False), torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), \
+            eval_mode(model), _untouched_parameters(model), \
+            GradCAM(_ScorerPass(scorer), target_layers=[target_layer], reshape_transform=_fp32) as cam:
+        try:
+            cams = cam(batch.clone().requires_grad_(True), targets=[RawScoresOutputTarget()] * len(batch))
+        except (ValueError, AttributeError) as exc:
+            if not cam.activations_and_grads.activations:
+                raise ValueError(f"Layer {name!r} never ran in the forward pass (a container whose blocks are "
+                                 f"called one by one?); pick a block that runs, e.g. the default "
+                                 f"{model.cam_layer}") from exc
+            raise ValueError(f"Cannot explain with layer {name!r}: {exc}; pick a convolutional layer such as a "
+                             "backbone block") from exc
+        scores = cam.outputs.detach().float().cpu().tolist()
+    if cams is None:  # GradCAM.__exit__ swallows IndexError (after printing it)
+        raise RuntimeError(f"Grad-CAM failed on a batch of {len(batch)} images; see the message above")
+    return cams, scores
+
+
+def explain_batch(scorer: TorchScorer, batch: torch.Tensor, images: Sequence[Image.Image], *,
+                  layer: str | None = None) -> list[Explanation]:
+    """Explanations of a preprocessed (B, 3, H, W) batch, each heatmap drawn over `images[i]` (the picture to
+    show: any size, e.g. the full photo or a thumbnail). Each score is `scorer`'s own for that input."""
+    if len(images) != len(batch):
+        raise ValueError(f"Need one image to draw on per input; got {len(images)} images for {len(batch)} inputs")
+    cams, scores = _cams(scorer, batch, layer)
+    results = []
+    for image, cam, score in zip(images, cams, scores, strict=True):
+        heatmap = _to_image_frame(cam, scorer.preprocessing, image.size)
+        results.append(Explanation(score=float(score), heatmap=heatmap, overlay=_overlay(image, heatmap)))
+    return results
+
+
+def _prepared(item: ExplainInput, prep: Preprocessing, transform: Callable) -> tuple[torch.Tensor, Image.Image]:
+    """The network's input, decoded as `predict` decodes it, and the picture under the heatmap: a PIL image
+    itself, or a file's full decode (the network's may be a reduced-scale JPEG decode)."""
+    if isinstance(item, Image.Image):
+        image = item.convert("RGB")
+        return transform(image), image
+    return preprocess(item, prep, transform), load_image(item)
+
+
+def _torch_scorer(model: ModelLike | Scorer, device: str | torch.device, precision: str) -> TorchScorer:
+    scorer = as_scorer(model, device=device, precision=precision)
+    if not isinstance(scorer, TorchScorer):
+        raise TypeError(f"Grad-CAM needs gradients, which a {type(scorer).__name__} has not; pass a model, "
+                        "a checkpoint or a TorchScorer")
+    return scorer
+
+
+def explain(inputs: ExplainInput | Sequence[ExplainInput], model: ModelLike | TorchScorer = None, *,
+            layer: str | None = None, batch_size: int = 8, device: str | torch.device = "auto",
+            precision: str = "fp32") -> list[Explanation]:
+    """Score and explain images (paths or PIL images), in input order; each score is `predict`'s for the input.
+
+    `model` is a loaded model, a checkpoint path, a bundled name or a TorchScorer (whose device and precision
+    then apply); None means the bundled default. Like `predict`, a library call is exact fp32 unless asked
+    otherwise. A given model is left as it was (mode, device, gradients). A bad image raises ImageLoadError.
+    """
     if isinstance(inputs, (str, PathLike, Image.Image)):
         inputs = [inputs]
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    model = model_on(model, resolve_device(device))
-    target_layer = resolve_layer(model, layer)
-    transform = model.preprocessing.transforms()
+    scorer = _torch_scorer(model, device, precision)
+    resolve_layer(scorer.model, layer)  # an unknown layer fails before any decoding
+    transform = scorer.preprocessing.transforms()
     results: list[Explanation] = []
-    # Grad-CAM needs autograd even when called from inside torch.inference_mode (e.g. a server).
-    # The input requires grad, so a frozen backbone still yields gradients at the target layer.
-    # cudnn refuses the LSTM backward in eval mode, so it is off here.
-    with torch.inference_mode(False), torch.enable_grad(), torch.backends.cudnn.flags(enabled=False), \
-            eval_mode(model), _untouched_parameters(model), _one_view(model), \
-            GradCAM(model, target_layers=[target_layer]) as cam:
-        for start in range(0, len(inputs), batch_size):
-            images = [x.convert("RGB") if isinstance(x, Image.Image) else load_image(x)
-                      for x in inputs[start:start + batch_size]]
-            batch = torch.stack([transform(img) for img in images]).requires_grad_(True)
-            try:
-                cams = cam(batch, targets=[RawScoresOutputTarget()] * len(images))
-            except (ValueError, AttributeError) as exc:
-                if not cam.activations_and_grads.activations:
-                    raise ValueError(f"Layer {layer or model.cam_layer!r} never ran in the forward pass (a container "
-                                     "whose blocks are called one by one?); pick a block that runs, e.g. the "
-                                     f"default {model.cam_layer}") from exc
-                raise ValueError(f"Cannot explain with layer {layer or model.cam_layer!r}: {exc}; "
-                                 "pick a convolutional layer such as a backbone block") from exc
-            scores = cam.outputs.detach().float().cpu().tolist()
-            for img, heat, score in zip(images, cams, scores, strict=True):
-                heatmap = _to_image_frame(heat, model, img.size)
-                results.append(Explanation(score=float(score), heatmap=heatmap, overlay=_overlay(img, heatmap)))
-    if len(results) != len(inputs):  # GradCAM.__exit__ swallows IndexError (after printing it)
-        raise RuntimeError(f"Grad-CAM stopped after {len(results)} of {len(inputs)} images; see the message above")
+    for start in range(0, len(inputs), batch_size):
+        prepared = [_prepared(x, scorer.preprocessing, transform) for x in inputs[start:start + batch_size]]
+        results += explain_batch(scorer, torch.stack([x for x, _ in prepared]), [img for _, img in prepared],
+                                 layer=layer)
     return results
 
 
-
 def contact_sheet(paths: Sequence[str | PathLike[str]], scores: Sequence[float],
-                  model: ResMemNet | str | PathLike[str] | None = None, *, n: int = 6, layer: str | None = None,
-                  batch_size: int = 8, device: str | torch.device = "auto") -> Figure:
+                  model: ModelLike | TorchScorer = None, *, n: int = 6, layer: str | None = None,
+                  batch_size: int = 8, device: str | torch.device = "auto", precision: str = "fp32") -> Figure:
     """The n most and n least memorable images, each above its Grad-CAM overlay, in one figure.
 
     `scores` are the ones already computed for `paths` (e.g. a `resmemnet predict` output); only
-    the 2n shown images are explained. Titles show those scores.
+    the 2n shown images are explained. Titles show those scores. `model` is as for `explain`.
     """
     from matplotlib.figure import Figure
 
@@ -177,8 +226,9 @@ def contact_sheet(paths: Sequence[str | PathLike[str]], scores: Sequence[float],
     n = min(n, max(1, len(order) // 2))  # a small folder is split between the two groups
     groups = {"most memorable": order[:n], "least memorable": order[len(order) - n:]}
     shown = [i for group in groups.values() for i in group]
+    explained = explain([paths[i] for i in shown], model, layer=layer, batch_size=batch_size, device=device,
+                        precision=precision)
     images = [load_image(paths[i]) for i in shown]
-    explained = explain(images, model, layer=layer, batch_size=batch_size, device=device)
     fig = Figure(figsize=(2.2 * n, 7.8), layout="constrained")
     axes = fig.subplots(4, n, squeeze=False)
     for k, (i, image, e) in enumerate(zip(shown, images, explained, strict=True)):
@@ -216,6 +266,7 @@ class ExplainJob:
     batch_size: int = 8
     checkpoint: str | None = None
     device: str = "auto"
+    precision: str = "auto"  # the CLI's policy (resmemnet.runtime), as for `resmemnet predict`
     progress: bool = True
 
     def check(self) -> None:
@@ -235,52 +286,56 @@ def run_explain(job: ExplainJob, *, log: Callable[[str], None] | None = None) ->
     """Run `job`; returns the number of images that could not be explained (they are logged, the rest goes on)."""
     log = log or (lambda line: print(line, file=sys.stderr))
     job.check()
-    model = load_model(job.checkpoint)
-    device = resolve_device(job.device)
-    resolve_layer(model, job.layer)  # an unknown layer fails before any work
+    # One scorer for the whole job, under the CLI's device and precision policy, as `resmemnet predict` builds it.
+    scorer = TorchScorer(load_model(job.checkpoint), device=job.device, precision=job.precision, inplace=True)
+    resolve_layer(scorer.model, job.layer)  # an unknown layer fails before any work
     paths: list[str] = []
     if job.sources and (job.output_dir or not job.scores):
         scan = scan_images(job.sources, recursive=job.recursive)
         paths = scan.paths
         for warning in scan.warnings:
             log(f"warning: {warning}")
-    failed = _explain_into(paths, model, device, job, log) if job.output_dir else 0
+    failed = _explain_into(paths, scorer, job, log) if job.output_dir else 0
     if job.contact_sheet:
-        failed += _contact_sheet_file(paths, model, device, job, log)
+        failed += _contact_sheet_file(paths, scorer, job, log)
     return failed
 
 
-def _explain_into(paths: list[str], model: ResMemNet, device: torch.device, job: ExplainJob,
-                  log: Callable[[str], None]) -> int:
+def _explain_into(paths: list[str], scorer: TorchScorer, job: ExplainJob, log: Callable[[str], None]) -> int:
     out = Path(job.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     names = _unique_names(paths)
+    transform = scorer.preprocessing.transforms()
     failed = 0
     with tqdm(total=len(paths), unit="img", desc="explain", disable=not job.progress or None,
               file=sys.stderr) as bar:
         for start in range(0, len(paths), job.batch_size):
-            batch: list[tuple[str, Image.Image]] = []
+            batch: list[tuple[str, torch.Tensor, Image.Image]] = []
             for path in paths[start:start + job.batch_size]:
                 try:
-                    batch.append((path, load_image(path)))
+                    batch.append((path, *_prepared(path, scorer.preprocessing, transform)))
                 except ImageLoadError as exc:
                     failed += 1
                     log(f"resmemnet explain: skipped {exc}")
-            explained = explain([img for _, img in batch], model, layer=job.layer, batch_size=job.batch_size,
-                                device=device) if batch else []
-            for (path, _), e in zip(batch, explained, strict=True):
-                name = names[path]
-                e.overlay.save(out / f"{name}.cam.png")
-                sidecar = {"path": path, "score": e.score, "layer": job.layer or model.cam_layer,
-                           "checkpoint": job.checkpoint, "overlay": f"{name}.cam.png"}
-                if job.npy:
-                    np.save(out / f"{name}.npy", e.heatmap)
-                    sidecar["heatmap"] = f"{name}.npy"
-                with atomic_write(out / f"{name}.json", encoding="utf-8") as f:
-                    f.write(json.dumps(sidecar, indent=2) + "\n")
+            explained = explain_batch(scorer, torch.stack([x for _, x, _ in batch]), [img for _, _, img in batch],
+                                      layer=job.layer) if batch else []
+            for (path, _, _), e in zip(batch, explained, strict=True):
+                _write_explanation(out, names[path], path, e, job, scorer)
             bar.update(len(paths[start:start + job.batch_size]))
     log(f"{len(paths) - failed} explained into {out}, {failed} failed")
     return failed
+
+
+def _write_explanation(out: Path, name: str, path: str, e: Explanation, job: ExplainJob, scorer: TorchScorer) -> None:
+    """NAME.cam.png, NAME.json (and NAME.npy) for one image; the sidecar names the precision the score is at."""
+    e.overlay.save(out / f"{name}.cam.png")
+    sidecar = {"path": path, "score": e.score, "layer": job.layer or scorer.model.cam_layer,
+               "checkpoint": job.checkpoint, "precision": scorer.precision.name, "overlay": f"{name}.cam.png"}
+    if job.npy:
+        np.save(out / f"{name}.npy", e.heatmap)
+        sidecar["heatmap"] = f"{name}.npy"
+    with atomic_write(out / f"{name}.json", encoding="utf-8") as f:
+        f.write(json.dumps(sidecar, indent=2) + "\n")
 
 
 def _unique_names(paths: list[str]) -> dict[str, str]:
@@ -297,19 +352,17 @@ def _unique_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def _contact_sheet_file(paths: list[str], model: ResMemNet, device: torch.device, job: ExplainJob,
-                        log: Callable[[str], None]) -> int:
+def _contact_sheet_file(paths: list[str], scorer: TorchScorer, job: ExplainJob, log: Callable[[str], None]) -> int:
     """Write the contact sheet; returns the images that could not be scored for it (0 when --scores ranks)."""
     if job.scores:
         rows = read_rows(job.scores)
     else:
-        scorer = TorchScorer(model, device=device, precision="fp32")
         rows = [r for batch in score_paths(paths, scorer, batch_size=job.batch_size) for r in batch]
     scored = [r for r in rows if r.score is not None]
     if not scored:
         raise ValueError("No scored images to put on a contact sheet")
-    fig = contact_sheet([r.path for r in scored], [r.score for r in scored], model, n=job.top, layer=job.layer,
-                        batch_size=job.batch_size, device=device)
+    fig = contact_sheet([r.path for r in scored], [r.score for r in scored], scorer, n=job.top, layer=job.layer,
+                        batch_size=job.batch_size)
     fig.savefig(job.contact_sheet, dpi=100)
     log(f"wrote {job.contact_sheet} ({len(scored)} scored images)")
     return 0 if job.scores else len(rows) - len(scored)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from resmemnet.data.decoded import DecodedImages, collate_decoded
 from resmemnet.fileio import atomic_path
-from resmemnet.inference import ONNX_METADATA_KEY, OnnxScorer, eval_mode, model_on
+from resmemnet.inference import ONNX_METADATA_KEY, OnnxScorer, TorchScorer, eval_mode, model_on
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.predict import PredictInput, predict
 
@@ -64,11 +64,18 @@ def export_onnx(model: ResMemNet, path: str | PathLike[str], *, opset: int = 18)
     return path
 
 
+def _paired_scores(model: ResMemNet, onnx_path: str | PathLike[str], inputs: Sequence[PredictInput],
+                   batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """`inputs` scored by both scorers of the inference core: PyTorch fp32 on the CPU, and ONNX Runtime."""
+    torch_scorer = TorchScorer(model, device="cpu", precision="fp32")
+    return (predict(inputs, torch_scorer, batch_size=batch_size),
+            predict(inputs, OnnxScorer(onnx_path, device="cpu"), batch_size=batch_size))
+
+
 def compare_onnx(model: ResMemNet, onnx_path: str | PathLike[str], inputs: Sequence[PredictInput], *,
                  batch_size: int = 16) -> float:
     """Largest absolute difference between PyTorch (fp32) and ONNX Runtime scores on `inputs`."""
-    torch_scores = predict(inputs, model, batch_size=batch_size, device="cpu", precision="fp32")
-    onnx_scores = predict(inputs, OnnxScorer(onnx_path, device="cpu"), batch_size=batch_size)
+    torch_scores, onnx_scores = _paired_scores(model, onnx_path, inputs, batch_size)
     return float(np.abs(torch_scores - onnx_scores).max()) if len(inputs) else 0.0
 
 
@@ -86,8 +93,7 @@ def agreement(model: ResMemNet, onnx_path: str | PathLike[str], inputs: Sequence
     """Spearman rho and largest |difference| between ONNX Runtime scores and PyTorch fp32 scores on `inputs`."""
     if len(inputs) < 2:
         raise ValueError(f"An agreement check needs at least 2 images, got {len(inputs)}")
-    torch_scores = predict(inputs, model, batch_size=batch_size, device="cpu", precision="fp32")
-    onnx_scores = predict(inputs, OnnxScorer(onnx_path, device="cpu"), batch_size=batch_size)
+    torch_scores, onnx_scores = _paired_scores(model, onnx_path, inputs, batch_size)
     rho = float(stats.spearmanr(torch_scores, onnx_scores).statistic)
     return Agreement(len(inputs), rho, float(np.abs(torch_scores - onnx_scores).max()))
 

@@ -1,8 +1,9 @@
 """Atomic file replacement: readers see the old file or the new one, never half of either.
 
-Every writer of a file that must survive a crash (checkpoints, resume state, output tables,
-ONNX files, caches, configs) goes through `atomic_path`: write to a temporary name in the same
-folder, flush it to disk, then `os.replace` it into place.
+Whole files that must survive a crash (checkpoints and resume files, output tables, reports, ONNX
+files, a run's config and metrics) are written through `atomic_path`: to a temporary name in the
+same folder, flushed to disk, then `os.replace`d into place. A feature cache is a folder, built
+beside its final name and renamed the same way (resmemnet.train.cache).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import contextlib
 import copy
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from pathlib import Path
@@ -33,12 +33,14 @@ from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.runtime import PrecisionChoice, autocast, choose_precision, resolve_device
 
-__all__ = ["BACKENDS", "ONNX_METADATA_KEY", "OnnxScorer", "Prediction", "ScoreArray", "Scorer", "ScorerSpec",
-           "TorchScorer", "checked", "eval_mode", "int8_onnx_for", "model_on", "model_output_error", "precision_for",
-           "score_paths"]
+__all__ = ["ACTIVATION_BUDGET", "BACKENDS", "MAX_BATCH", "ONNX_METADATA_KEY", "OnnxScorer", "Prediction",
+           "ScoreArray", "Scorer", "ScorerSpec", "TorchScorer", "checked", "eval_mode", "int8_onnx_for", "model_on",
+           "model_output_error", "precision_for", "score_paths"]
 
 ScoreArray = npt.NDArray[np.float32]  # (B,) scores in [0, 1]
 BACKENDS = ("torch", "onnxruntime")
+ACTIVATION_BUDGET = 1 << 30  # bytes of activations a default batch may take (weights and decoding come on top)
+MAX_BATCH = 32  # beyond this, CPUs gain no speed and decoding workers hold more images in flight
 ONNX_METADATA_KEY = "resmemnet"  # the ONNX metadata entry holding the checkpoint's metadata and preprocessing
 
 
@@ -134,6 +136,10 @@ class Scorer:
     device: torch.device = torch.device("cpu")
     gives_spread: bool = False
 
+    def batch_size_for(self, budget: int = ACTIVATION_BUDGET) -> int:
+        """The batch size a job uses when the user gives none: ONNX Runtime plans its own memory."""
+        return MAX_BATCH
+
     def __call__(self, batch: torch.Tensor) -> ScoreArray:
         raise NotImplementedError("Scorer subclasses implement __call__")
 
@@ -164,12 +170,28 @@ class TorchScorer(Scorer):
     def gives_spread(self) -> bool:  # type: ignore[override]
         return self.model.config.members > 1
 
+    def batch_size_for(self, budget: int = ACTIVATION_BUDGET) -> int:
+        """As many images as fit `budget` bytes of activations at the model's input size, 1 to MAX_BATCH."""
+        return max(1, min(MAX_BATCH, budget // self.model.activation_bytes(self.preprocessing.input_size)))
+
+    def apply(self, fn: Callable[[torch.Tensor], torch.Tensor], batch: torch.Tensor) -> torch.Tensor:
+        """`fn(batch)` on the scorer's device and memory format, in eval mode, under its autocast; autograd stays
+        as the caller has it. Every pass through the scorer's model runs here (a feature cache's trunk rows too)."""
+        batch = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
+        with eval_mode(self.model), autocast(self.device, self.precision):
+            return fn(batch)
+
     @torch.inference_mode()
     def pool(self, batch: torch.Tensor) -> torch.Tensor:
         """Pooled block features of a preprocessed batch, under the scorer's device and precision."""
-        batch = batch.to(self.device, memory_format=self.memory_format, non_blocking=True)
-        with eval_mode(self.model), autocast(self.device, self.precision):
-            return self._pool_taps(batch)
+        return self.apply(self._pool_taps, batch)
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B,) scores as a tensor, with autograd where the caller enables it: the pass `__call__` runs, which
+        Grad-CAM (resmemnet.explain) differentiates, so an explanation's score is the scorer's score."""
+        pooled = self.apply(self._pool_taps, batch)
+        with eval_mode(self.model):
+            return self.model.forward_pooled(pooled.to(self.device).float())
 
     def __call__(self, batch: torch.Tensor) -> ScoreArray:
         return self.score_pooled(self.pool(batch))
@@ -264,13 +286,15 @@ class ScorerSpec:
                            channels_last=self.channels_last, compile=self.compile, inplace=True)
 
 
-def score_paths(paths: Sequence[str | PathLike[str]], scorer: Scorer, *, batch_size: int = 32,
+def score_paths(paths: Sequence[str | PathLike[str]], scorer: Scorer, *, batch_size: int | None = None,
                 workers: int = 0) -> Iterator[list[Prediction]]:
     """One list of Predictions per batch of `paths`, in input order; a bad file is an error row, never a stop,
     and so is a NaN or infinite score (never a number).
 
     Decoding runs in `workers` DataLoader processes; memory stays bounded whatever the number of paths.
+    Without a `batch_size`, the scorer sizes batches to its memory budget (`Scorer.batch_size_for`).
     """
+    batch_size = scorer.batch_size_for() if batch_size is None else batch_size
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     prep = scorer.preprocessing

@@ -6,7 +6,8 @@ folder named as `photos` and `/abs/photos` is one folder). A run holds `<output>
 a second run on the same output fails at once rather than replacing the file under the first. Paths
 are written as the file system holds them, also names that are not UTF-8, and a NaN or infinite
 score is an error row, never a number. Under torchrun each rank scores every WORLD_SIZE-th remaining
-image into a part file; rank 0 merges the parts into the output in input order.
+image into a part file; rank 0 merges the parts into the output in input order. An engine finds and scores
+the images (`LocalEngine`, in this process; `resmemnet.ray.RayEngine`, on a Ray cluster); the rest is shared.
 
 >>> result = run_scoring(ScoringJob(["photos/"], output="scores.csv", recursive=True), ScorerSpec())
 >>> result.failed      # error rows (bad files); the CLI exits 1 when there are any
@@ -20,6 +21,7 @@ import glob
 import io
 import json
 import os
+import re
 import stat
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from os import PathLike
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Protocol, TextIO
 
 from filelock import FileLock, Timeout
 from tqdm import tqdm
@@ -36,8 +38,8 @@ from resmemnet.data.images import IMAGE_EXTENSIONS
 from resmemnet.fileio import atomic_write
 from resmemnet.inference import Prediction, Scorer, ScorerSpec, checked, score_paths
 
-__all__ = ["FIELDS", "OUTPUT_FORMATS", "SCAN_EXTENSIONS", "ImageScan", "JobResult", "RowWriter", "ScoringJob",
-           "default_workers", "output_format", "path_key", "read_rows",
+__all__ = ["FIELDS", "OUTPUT_FORMATS", "SCAN_EXTENSIONS", "ImageScan", "JobResult", "LocalEngine", "RowWriter",
+           "ScoringEngine", "ScoringJob", "default_workers", "is_uri", "output_format", "path_key", "read_rows",
            "run_scoring", "scan_images", "write_rows"]
 
 OUTPUT_FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".json": "json"}
@@ -51,6 +53,7 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 # surrogateescape writes them back as the file system's own bytes (JSON escapes them as \udcXX) and reads
 # them back exactly, so every path the file system holds is a row, and resume finds it again.
 _TEXT = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+://")  # s3://, gs://, file://...: read by an engine that reads URIs
 
 
 def default_workers() -> int:
@@ -67,8 +70,18 @@ class ImageScan:
     warnings: list[str] = field(default_factory=list)
 
 
+def is_uri(source: str | PathLike[str]) -> bool:
+    """Whether `source` is a URI (`s3://bucket/key`, `file:///abs/path`) rather than a local path."""
+    return _URI.match(str(source)) is not None
+
+
 def path_key(path: str | PathLike[str]) -> str:
-    """Where a path points, for matching: its folder resolved, its own name kept (a symlinked file stays itself)."""
+    """Where a path points, for matching: its folder resolved, its own name kept (a symlinked file stays itself).
+
+    A URI is its own key.
+    """
+    if is_uri(path):
+        return str(path)
     path = os.path.abspath(path)
     return os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
 
@@ -352,13 +365,13 @@ class ScoringJob:
     resume: bool = False
     overwrite: bool = False  # replace an existing output instead of refusing
     recursive: bool = False
-    batch_size: int = 32
+    batch_size: int | None = None  # None: the scorer's, sized to its memory budget (Scorer.batch_size_for)
     workers: int = field(default_factory=default_workers)
     progress: bool = True
 
     def check(self) -> None:
         """Fail early, with what to do, on arguments that cannot work together."""
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {self.batch_size}")
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
@@ -385,11 +398,43 @@ class JobResult:
     failed: int
 
 
-def _score_into(paths: list[str], scorer: Scorer, job: ScoringJob, writer: RowWriter, desc: str) -> int:
-    """Score `paths` into `writer`; returns the number of error rows (bad files, and NaN or infinite scores)."""
+class ScoringEngine(Protocol):
+    """Where a job's images are found and scored. run_scoring keeps the rest of the job (lock, resume, output
+    files) for every engine, so all engines write the same rows; `LocalEngine` is the default."""
+
+    def scan(self, sources: Sequence[str], *, recursive: bool) -> ImageScan:
+        """The paths to score, as `scan_images` gives them."""
+
+    def start(self, spec: ScorerSpec) -> bool:
+        """Get the scorer(s) `spec` describes ready; True when their scores come with a spread (`score_std`)."""
+
+    def score(self, paths: list[str], job: ScoringJob) -> Iterable[list[Prediction]]:
+        """Rows for `paths`, batch by batch, in input order, as `score_paths` gives them."""
+
+
+class LocalEngine:
+    """Scores in this process: `job.workers` DataLoader processes decode, one scorer scores."""
+
+    scorer: Scorer
+
+    def scan(self, sources: Sequence[str], *, recursive: bool) -> ImageScan:
+        return scan_images(sources, recursive=recursive)
+
+    def start(self, spec: ScorerSpec) -> bool:
+        self.scorer = spec.build()
+        return self.scorer.gives_spread
+
+    def score(self, paths: list[str], job: ScoringJob) -> Iterable[list[Prediction]]:
+        return score_paths(paths, self.scorer, batch_size=job.batch_size, workers=job.workers)
+
+
+def _score_into(batches: Iterable[list[Prediction]], total: int, job: ScoringJob, writer: RowWriter,
+                desc: str) -> int:
+    """Write `batches` (`total` rows) to `writer`; returns the number of error rows (bad files, NaN or infinite
+    scores)."""
     failed = 0
-    with tqdm(total=len(paths), unit="img", desc=desc, disable=not job.progress or None, file=sys.stderr) as bar:
-        for batch in score_paths(paths, scorer, batch_size=job.batch_size, workers=job.workers):
+    with tqdm(total=total, unit="img", desc=desc, disable=not job.progress or None, file=sys.stderr) as bar:
+        for batch in batches:
             writer.write(batch)  # a NaN or infinite score is already an error row (inference.score_paths)
             failed += sum(1 for r in batch if r.error)
             bar.update(len(batch))
@@ -430,21 +475,26 @@ def _holding(output: str | None) -> Iterator[None]:
         lock.release()
 
 
-def run_scoring(job: ScoringJob, spec: ScorerSpec, *, log: Callable[[str], None] | None = None) -> JobResult:
-    """Run `job` with the scorer `spec` describes; warnings and the summary line go to `log` (stderr)."""
+def run_scoring(job: ScoringJob, spec: ScorerSpec, *, log: Callable[[str], None] | None = None,
+                engine: ScoringEngine | None = None) -> JobResult:
+    """Run `job` with the scorer `spec` describes, on `engine` (default: this process); warnings and the
+    summary line go to `log` (stderr)."""
     log = log or (lambda line: print(line, file=sys.stderr))
     job.check()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
+        if engine is not None:
+            raise ValueError("Under torchrun each rank scores in its own process; drop --engine")
         return _run_sharded(job, spec, world, int(os.environ["RANK"]), log)
+    engine = engine or LocalEngine()
     with _holding(job.output):
-        scan = scan_images(job.sources, recursive=job.recursive)
+        scan = engine.scan(job.sources, recursive=job.recursive)
         for warning in scan.warnings:
             log(f"warning: {warning}")
-        scorer = spec.build()
+        spread = engine.start(spec)
         if not job.output:
-            writer = RowWriter(sys.stdout, "table", fields=_fields(scorer, []))
-            failed = _score_into(scan.paths, scorer, job, writer, "predict")
+            writer = RowWriter(sys.stdout, "table", fields=_fields(spread, []))
+            failed = _score_into(engine.score(scan.paths, job), len(scan.paths), job, writer, "predict")
             writer.close()
             log(f"{len(scan.paths) - failed} scored, {failed} failed")
             return JobResult(len(scan.paths) - failed, 0, failed)
@@ -452,10 +502,10 @@ def run_scoring(job: ScoringJob, spec: ScorerSpec, *, log: Callable[[str], None]
         prior = list({path_key(r.path): r for r in read_rows(job.output)}.values()) if job.resume else []
         done = {path_key(r.path) for r in prior}
         todo = [p for p in scan.paths if path_key(p) not in done]
-        fields = _fields(scorer, prior)
+        fields = _fields(spread, prior)
         write_rows(job.output, prior, fields=fields)  # atomically; also repairs a file torn by a crash
         writer = _append_to(job.output, fields, len(prior))
-        failed = _score_into(todo, scorer, job, writer, "predict")
+        failed = _score_into(engine.score(todo, job), len(todo), job, writer, "predict")
         writer.close()
     failed_before = sum(1 for r in prior if r.error)
     log(f"{len(todo) - failed} scored, {failed} failed, {len(prior)} already in {job.output}"
@@ -463,10 +513,9 @@ def run_scoring(job: ScoringJob, spec: ScorerSpec, *, log: Callable[[str], None]
     return JobResult(len(todo) - failed, len(prior), failed + failed_before)
 
 
-def _fields(scorer: Scorer | None, rows: Sequence[Prediction]) -> tuple[str, ...]:
+def _fields(spread: bool, rows: Sequence[Prediction]) -> tuple[str, ...]:
     """The output's columns: `score_std` too when the scorer gives a spread or rows already have one."""
-    spread = (scorer is not None and scorer.gives_spread) or any(r.score_std is not None for r in rows)
-    return (*FIELDS, SPREAD_FIELD) if spread else FIELDS
+    return (*FIELDS, SPREAD_FIELD) if spread or any(r.score_std is not None for r in rows) else FIELDS
 
 
 def _part(output: str, rank: int) -> Path:
@@ -509,7 +558,7 @@ def _run_sharded(job: ScoringJob, spec: ScorerSpec, world: int, rank: int, log: 
                 parts = _parts(job.output)
                 if job.resume:
                     merged = _merge([Path(job.output), *parts], scan.paths)
-                    write_rows(job.output, merged, fields=_fields(None, merged))
+                    write_rows(job.output, merged, fields=_fields(False, merged))
                 for part in parts:
                     part.unlink()
             dist.barrier()
@@ -517,17 +566,18 @@ def _run_sharded(job: ScoringJob, spec: ScorerSpec, world: int, rank: int, log: 
             done = {path_key(r.path) for r in prior}
             todo = [p for p in scan.paths if path_key(p) not in done]
             scorer = spec.build(local_rank=local_rank)
-            fields = _fields(scorer, prior)
+            fields = _fields(scorer.gives_spread, prior)
             writer = RowWriter(_part(job.output, rank).open("w", **_TEXT), "jsonl", fields=fields)
             mine = todo[rank::world]
-            failed = _score_into(mine, scorer, job, writer, f"rank {rank}")
+            batches = score_paths(mine, scorer, batch_size=job.batch_size, workers=job.workers)
+            failed = _score_into(batches, len(mine), job, writer, f"rank {rank}")
             scored = len(mine) - failed
             writer.close()
             dist.barrier()
             if rank == 0:
                 parts = _parts(job.output)
                 merged = _merge([Path(job.output), *parts] if job.resume else parts, scan.paths)
-                write_rows(job.output, merged, fields=_fields(scorer, merged))
+                write_rows(job.output, merged, fields=_fields(scorer.gives_spread, merged))
                 for part in parts:
                     part.unlink()
                 failed = sum(1 for r in merged if r.error)

@@ -1,4 +1,4 @@
-"""The one device and precision policy, shared by predict, evaluate, training, explain and serve.
+"""The one device and precision policy: the inference core's scorers (predict, evaluate, explain, serve) and training.
 
 `auto` follows what the hardware computes natively, read from the CPU's flags rather than from a
 library switch: oneDNN reports bf16 "supported" on any AVX-512 CPU, but without AVX512-BF16 or AMX

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from resmemnet.data import describe_dataset, load_split, num_splits
+from resmemnet.data.images import load_image
 from resmemnet.data.lamem import read_split_file
 from tests.conftest import make_photo, shared_dataset
 
@@ -47,8 +48,8 @@ def test_each_real_split_loads_present_images_with_their_own_scores(lamem_root, 
     assert loaded.info["unscored"] == {"train": 0, "val": 0, "test": 0}
     assert loaded.test_other_half is None  # one score per image: no split halves
     assert loaded.info["split_files"] == [f"{p}_{split + 1}.txt" for p in ("train", "val", "test")]
-    image, score = loaded.train[1]
-    assert image.size == (8, 8) and float(score) == pytest.approx(scores["train"][9])
+    assert load_image(loaded.train.paths[1]).size == (8, 8)
+    assert float(loaded.train.scores[1]) == pytest.approx(scores["train"][9])
 
 
 def test_no_images_at_all_is_a_clear_error(lamem_root):

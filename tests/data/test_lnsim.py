@@ -105,7 +105,7 @@ def test_bad_requests_say_what_is_valid(tmp_path):
         load_split("lnsim", tmp_path, split=4)
     with pytest.raises(ValueError, match=r"test_fraction must be in \(0, 1\]"):
         load_split("lnsim", tmp_path, test_fraction=0)
-    with pytest.raises(ValueError, match="Unknown dataset 'lnsm'; choose one of: lamem, sun, lnsim, memcat, csv, sy"):
+    with pytest.raises(ValueError, match="Unknown dataset 'lnsm'; available: csv, lamem, lnsim, memcat, sun, synth"):
         load_split("lnsm", tmp_path)
     with pytest.raises(ValueError, match="does not take option"):
         load_split("lnsim", tmp_path, score_column="x")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 
 from resmemnet.data import load_split
-from resmemnet.data.base import ImageScoreDataset
-from resmemnet.train.data import carve_validation, validation_indices, with_validation
+from resmemnet.data.base import ImageScoreDataset, Split
+from resmemnet.train.config import load_config
+from resmemnet.train.data import training_split, validation_indices
 from tests.conftest import make_photo
 
 
@@ -14,23 +15,28 @@ def test_carve_keeps_its_results_for_a_seed():
     assert val.tolist() == [3, 8, 12, 16, 18]
     assert train.tolist() == sorted(set(range(20)) - {3, 8, 12, 16, 18})
     assert validation_indices(10, 0.1, 0)[1].tolist() == [4, 6]  # at least 2 held out
-
-
-def test_carved_images_keep_their_scores_and_transform(tmp_path):
-    paths = [tmp_path / f"{i}.jpg" for i in range(10)]
-    data = ImageScoreDataset(paths, np.arange(10) / 10, transform=str)
-    train, val = carve_validation(data, 0.2, 0)
-    assert [p.name for p in val.paths] == ["4.jpg", "6.jpg"] and val.scores.tolist() == pytest.approx([0.4, 0.6])
-    assert len(train) == 8 and train.transform is str and val.transform is str
     with pytest.raises(ValueError, match="Cannot carve a validation set of 2 from 3 training images"):
-        carve_validation(ImageScoreDataset(paths[:3], [0.1, 0.2, 0.3]), 0.2, 0)
+        validation_indices(3, 0.2, 0)
 
 
-def test_with_validation_records_the_carve(tmp_path):
+def test_a_split_without_validation_is_carved_and_the_carve_recorded(tmp_path):
     split = load_split("csv", tmp_path, csv=_table(tmp_path), test_fraction=0.2)
-    carved = with_validation(split, 0.25, 7)
+    carved, kept, held_out = training_split(split, load_config(None, ["val_fraction=0.25", "seed=7"]))
     assert carved.info["val_carved_fraction"] == 0.25 and carved.info["val_carve_seed"] == 7
-    assert sorted(p.name for p in carved.train.paths + carved.val.paths) == sorted(p.name for p in split.train.paths)
+    assert held_out is not None and held_out.tolist() == validation_indices(len(split.train), 0.25, 7)[1].tolist()
+    assert [p.name for p in carved.val.paths] == [split.train.paths[i].name for i in held_out]
+    assert [p.name for p in carved.train.paths] == [split.train.paths[i].name for i in kept]
+    np.testing.assert_array_equal(carved.val.scores, split.train.scores[held_out])  # each image keeps its score
+    assert carved.test is split.test
+
+
+def test_a_shipped_validation_set_is_kept(tmp_path):
+    paths = [tmp_path / f"{i}.jpg" for i in range(6)]
+    part = lambda a, b: ImageScoreDataset(paths[a:b], np.arange(a, b) / 10)  # noqa: E731
+    split = Split(train=part(0, 4), test=part(4, 5), val=part(5, 6), info={"dataset": "x"})
+    carved, kept, held_out = training_split(split, load_config(None, []))
+    assert held_out is None and kept.tolist() == [0, 1, 2, 3] and carved.info == {"dataset": "x"}
+    assert carved.val.paths == split.val.paths and carved.val.scores.tolist() == pytest.approx([0.5])
 
 
 def _table(root):

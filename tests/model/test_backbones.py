@@ -1,4 +1,5 @@
 import copy
+import weakref
 from pathlib import Path
 from urllib.error import URLError
 
@@ -28,9 +29,7 @@ def test_every_block_is_tapped_in_depth_order(backbone):
     with torch.no_grad():
         taps = backbone(torch.randn(1, 3, 64, 64))
     assert len(taps) == EXPECTED_TAPS[backbone.name] == len(backbone.tap_channels)
-    assert [t.shape[1] for t in taps] == backbone.tap_channels
-    sides = [t.shape[-1] for t in taps]
-    assert sides == sorted(sides, reverse=True)  # resolution only shrinks with depth
+    assert [tuple(t.shape) for t in taps] == [(1, c) for c in backbone.tap_channels]  # pooled inside the graph
     assert backbone.taps[-1] == backbone.cam_layer
 
 
@@ -46,7 +45,42 @@ def test_each_tapped_block_runs_as_a_module_under_its_torchvision_name(backbone)
         for hook in hooks:
             hook.remove()
     assert [tap for tap, _ in seen] == backbone.taps
-    assert all(out is tap for (_, out), tap in zip(seen, taps, strict=True))
+    for (_, out), pooled in zip(seen, taps, strict=True):
+        torch.testing.assert_close(pooled, out.mean(dim=(2, 3)))
+    sides = [out.shape[-1] for _, out in seen]
+    assert sides == sorted(sides, reverse=True)  # resolution only shrinks with depth
+
+
+def test_each_map_is_freed_once_the_next_block_has_read_it(backbone):
+    # Pooling inside the graph: when block i runs, the map of block i - 2 is gone (its input, i - 1's, is not).
+    alive: list[weakref.ref] = []
+    held: list[bool] = []
+
+    def hook(module, args, out):
+        held.append(len(alive) >= 2 and alive[-2]() is not None)
+        alive.append(weakref.ref(out))
+
+    hooks = [backbone.net.get_submodule(tap).register_forward_hook(hook) for tap in backbone.taps]
+    try:
+        with torch.no_grad():
+            backbone(torch.randn(2, 3, 64, 64))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(held) == len(backbone.taps) and not any(held)
+
+
+def test_map_at_gives_a_taps_map_and_the_pooled_taps_up_to_it():
+    bb = create_backbone("resnet50").eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        every = bb(x)
+        pooled, last = bb.map_at(x, 6)
+    assert last.shape == (2, bb.tap_channels[6], 8, 8)
+    assert len(pooled) == 7
+    for p, e in zip(pooled, every, strict=False):
+        torch.testing.assert_close(p, e)
+    torch.testing.assert_close(last.mean(dim=(2, 3)), every[6])
 
 
 def test_state_dict_keys_are_torchvisions_without_the_classifier(backbone):

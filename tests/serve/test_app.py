@@ -1,6 +1,7 @@
 import asyncio
 import base64
 import io
+import json
 
 import httpx
 import numpy as np
@@ -14,10 +15,12 @@ from resmemnet.serve import ServeSettings, create_app
 from tests.conftest import make_big_png
 from tests.serve.conftest import photo_bytes
 
+FP32 = ServeSettings(precision="fp32")  # to compare with the library's exact fp32 scores
+
 
 @pytest.fixture(scope="module")
 def client(tiny_model):
-    with TestClient(create_app(tiny_model)) as c:
+    with TestClient(create_app(tiny_model, FP32)) as c:
         yield c
 
 
@@ -45,7 +48,7 @@ def test_an_ensemble_model_returns_each_scores_spread():
                             preprocessing=Preprocessing(resize=(64, 64))).eval()
     torch.nn.init.normal_(ensemble.head.fc.weight, std=0.01)
     blobs = [photo_bytes(i) for i in range(2)]
-    with TestClient(create_app(ensemble)) as c:
+    with TestClient(create_app(ensemble, FP32)) as c:
         r = c.post("/v1/predict", files=_files(("a.jpg", blobs[0]), ("cut.jpg", blobs[1][:100]), ("b.jpg", blobs[1])))
     results = r.json()["results"]
     scores, spread = predict([Image.open(io.BytesIO(b)) for b in blobs], ensemble, return_std=True)
@@ -161,7 +164,7 @@ def test_model_card_health_and_page(client, tiny_model):
 
 def test_concurrent_requests_share_model_calls(tiny_model):
     # A long batching window makes the merge certain; the scores must not depend on who shared a batch.
-    app = create_app(tiny_model, ServeSettings(max_batch=8, max_wait_ms=300))
+    app = create_app(tiny_model, ServeSettings(max_batch=8, max_wait_ms=300, precision="fp32"))
     blobs = [photo_bytes(i) for i in range(8)]
 
     async def post_all() -> list[float]:
@@ -195,7 +198,7 @@ def test_a_nan_score_is_an_error_for_that_image_never_null_with_a_rank(tiny_mode
 
     import resmemnet.serve.app as app_module
 
-    real_predict, real_explain = app_module.predict, app_module.explain
+    real_predict, real_explain = app_module.predict, app_module.explain_batch
 
     def nan_second(*args, **kwargs):
         scores, spread = real_predict(*args, **kwargs)
@@ -206,7 +209,7 @@ def test_a_nan_score_is_an_error_for_that_image_never_null_with_a_rank(tiny_mode
         return [dataclasses.replace(e, score=float("nan")) for e in real_explain(*args, **kwargs)]
 
     monkeypatch.setattr(app_module, "predict", nan_second)
-    monkeypatch.setattr(app_module, "explain", nan_explained)
+    monkeypatch.setattr(app_module, "explain_batch", nan_explained)
     with TestClient(create_app(tiny_model)) as c:
         scored = c.post("/v1/predict", files=_files(*((f"p{i}.jpg", photo_bytes(i)) for i in range(3))))
         explained = c.post("/v1/explain", files=_files(("a.jpg", photo_bytes(4))))
@@ -229,3 +232,43 @@ def test_max_pixels_over_pillows_own_limit_admits_a_large_scan(tiny_model, tmp_p
         r = c.post("/v1/predict", files=_files(("scan.png", scan)))
     assert r.status_code == 200, r.text
     assert 0 <= r.json()["results"][0]["score"] <= 1
+
+
+def test_the_server_follows_the_precision_policy_and_says_so_as_info_does(tiny_model, tiny_checkpoint, capsys):
+    from resmemnet.cli import main
+    from resmemnet.inference import precision_for
+
+    with TestClient(create_app(tiny_model)) as c:  # the default: the CLI's policy, not the library's fp32
+        card = c.get("/v1/model").json()
+        r = c.post("/v1/predict", files=_files(("a.jpg", photo_bytes(7))))
+    policy = precision_for("auto")
+    assert (card["precision"], card["precision_reason"]) == (policy.name, policy.reason)
+    assert main(["info", "--checkpoint", str(tiny_checkpoint), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["precision"] == {"name": card["precision"], "reason": card["precision_reason"]}
+    expected = predict(Image.open(io.BytesIO(photo_bytes(7))), tiny_model, precision="auto")
+    np.testing.assert_allclose(r.json()["results"][0]["score"], expected, atol=1e-6)
+    with TestClient(create_app(tiny_model, ServeSettings(precision="fp32", device="cpu"))) as c:
+        card = c.get("/v1/model").json()
+    assert (card["precision"], card["precision_reason"], card["device"]) == ("fp32", "requested", "cpu")
+
+
+def test_one_scorer_is_built_at_start_up_and_serves_every_batch(tiny_model, monkeypatch):
+    from resmemnet.inference import TorchScorer
+
+    built = []
+    real_init = TorchScorer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(TorchScorer, "__init__", counting_init)
+    app = create_app(tiny_model, ServeSettings(max_batch=2))
+    assert built == [app.state.scorer]
+    with TestClient(app) as c:
+        for _ in range(2):
+            assert c.post("/v1/predict", files=_files(*((f"{i}.jpg", photo_bytes(i)) for i in range(3)))).is_success
+            assert c.post("/v1/explain", files=_files(("a.jpg", photo_bytes(0)))).is_success
+    assert built == [app.state.scorer]  # no scorer per micro-batch: its set-up and precision are the server's
+    assert sum(app.state.batchers["predict"].batch_sizes) == 6

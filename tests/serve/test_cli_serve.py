@@ -35,6 +35,15 @@ def test_serve_builds_the_app_with_the_flags(uvicorn_calls, tiny_checkpoint):
         assert r.status_code == 200 and 0 <= r.json()["results"][0]["score"] <= 1
 
 
+def test_the_precision_flag_reaches_the_one_scorer(uvicorn_calls, tiny_checkpoint):
+    assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--precision", "fp32", "--device", "cpu"]) == 0
+    (app, _), = uvicorn_calls
+    assert app.state.scorer.precision.name == "fp32" and app.state.settings.precision == "fp32"
+    with TestClient(app) as client:
+        card = client.get("/v1/model").json()
+    assert (card["precision"], card["precision_reason"], card["limits"]["precision"]) == ("fp32", "requested", "fp32")
+
+
 def test_several_workers_load_the_app_by_name(uvicorn_calls, tiny_checkpoint, monkeypatch):
     monkeypatch.setenv(ENV_CONFIG, "{}")  # restored after the test, whatever main() sets
     assert main(["serve", "--checkpoint", str(tiny_checkpoint), "--workers", "2", "--max-batch", "4"]) == 0

@@ -76,7 +76,7 @@ def test_create_app_leaves_the_callers_model_alone(tiny_model):
     try:
         before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
         app = create_app(tiny_model, ServeSettings())
-        assert tiny_model.training  # the app scores an eval-mode copy
+        assert tiny_model.training  # the scorer runs it in eval mode, call by call
         with TestClient(app) as c:
             assert c.post("/v1/predict", files=[("files", ("a.jpg", photo_bytes(0)))]).status_code == 200
         after = tiny_model.state_dict()
@@ -89,7 +89,7 @@ def test_an_eval_model_on_the_right_device_is_used_without_a_copy(tiny_model, mo
     def no_copy(_):
         raise AssertionError("create_app copied a model it could use as it is")
 
-    monkeypatch.setattr("resmemnet.serve.app.copy.deepcopy", no_copy)
+    monkeypatch.setattr("resmemnet.inference.copy.deepcopy", no_copy)
     create_app(tiny_model.eval(), ServeSettings(device="cpu"))
 
 

@@ -65,3 +65,25 @@ def test_flip_is_a_fixed_coin_per_seed_epoch_image():
     assert flips == [flip_for(0, 3, i) for i in range(400)]
     assert 150 < sum(flips) < 250
     assert flips != [flip_for(0, 4, i) for i in range(400)]
+
+
+def test_rows_are_the_scorers_own_pass_at_the_runs_precision_and_leave_the_model_as_it_was(model, tiny_split,
+                                                                                            tmp_path):
+    from resmemnet.inference import TorchScorer
+    from resmemnet.runtime import PrecisionChoice
+
+    ds = tiny_split.train
+    images = torch.stack([DecodedImages(ds.paths, model.preprocessing.transforms())[i].image for i in range(3)])
+    model.train()
+    try:
+        bf16 = build_feature_cache(model, ds, tmp_path, dtype="float32", precision=PrecisionChoice("bf16", "test"))
+        start = 3  # trunk rows: taps[:3] pooled, plus the third tap's map
+        trunk = build_feature_cache(model, ds, tmp_path, dtype="float32", start=start)
+        assert model.training and model.backbone.training  # scored in eval mode, handed back in training mode
+    finally:
+        model.eval()
+    scorer = TorchScorer(model, device="cpu", precision="bf16", channels_last=False)
+    torch.testing.assert_close(bf16.take([0, 1, 2]), scorer.pool(images).float(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(trunk.take([0, 1, 2]), model.trunk_rows(images, start))
+    assert bf16.path != trunk.path and not torch.equal(bf16.take([0]), model.pool_taps(images[:1]))

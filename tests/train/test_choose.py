@@ -11,7 +11,7 @@ from resmemnet.checkpoint import read_metadata
 from resmemnet.cli import main
 from resmemnet.train import choose
 from resmemnet.train.config import load_config
-from resmemnet.train.loop import config_changes
+from resmemnet.train.state import config_changes
 from tests.train.conftest import TINY, tiny_config
 
 # The first learns the synthetic cue; the second barely moves from its random start.

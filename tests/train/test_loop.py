@@ -19,7 +19,8 @@ from resmemnet.data.base import ImageScoreDataset
 from resmemnet.metrics import spearman
 from resmemnet.model.resmemnet import create_model
 from resmemnet.predict import predict
-from resmemnet.train.loop import RESUME_FILE, train
+from resmemnet.train.loop import train
+from resmemnet.train.state import RESUME_FILE
 from tests.train.conftest import TINY, tiny_config
 
 RESMEMNET = str(Path(sys.executable).with_name("resmemnet"))

@@ -25,7 +25,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                                        "(lnsim, memcat, csv)")
     p.add_argument("--test-fraction", type=float, default=0.2,
                    help="share of images in the test set where the code makes the split (1.0: all of them)")
-    p.add_argument("--batch-size", type=int, default=ScoringJob.batch_size)
+    p.add_argument("--batch-size", type=int, default=ScoringJob.batch_size,
+                   help="images per model call (default: as many as fit 1 GiB of activations, at most 32)")
     p.add_argument("--workers", type=int, default=default_workers(), help="image-decoding processes")
     p.add_argument("--device", default=ScorerSpec.device, help="auto, cpu, cuda or cuda:N (auto: CUDA when present)")
     p.add_argument("--precision", choices=PRECISIONS, default=ScorerSpec.precision,

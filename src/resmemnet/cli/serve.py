@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from resmemnet.cli import COMMANDS
 from resmemnet.data.images import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from resmemnet.runtime import PRECISIONS
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +33,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, help="images per model call when requests are batched (default 8)")
     p.add_argument("--max-wait-ms", type=float, help="how long a batch waits for more requests (default 10)")
     p.add_argument("--device", help="auto (default: CUDA when present), cpu, cuda or cuda:N")
+    p.add_argument("--precision", choices=[x for x in PRECISIONS if x != "int8"],
+                   help="as for predict (default auto: fp16 on a GPU, bf16 on a CPU with native bf16, else fp32; "
+                        "GET /v1/model says which and why); int8 has no gradients for /v1/explain")
     p.set_defaults(func=run)
 
 
@@ -57,13 +61,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     given = {"max_files": args.max_files, "max_pixels": args.max_pixels, "decode_pixels": args.decode_pixels,
              "max_batch": args.max_batch, "max_wait_ms": args.max_wait_ms, "device": args.device,
+             "precision": args.precision,
              "body_timeout_s": args.body_timeout, "header_timeout_s": args.header_timeout,
              "max_file_bytes": None if args.max_file_mb is None else int(args.max_file_mb * 2**20)}
     settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
     connection = {"host": args.host, "port": args.port, "http": with_header_timeout(settings.header_timeout_s),
                   "timeout_keep_alive": settings.keep_alive_s}
     if args.workers == 1:
-        uvicorn.run(create_app(load_model(args.checkpoint), settings), **connection)
+        uvicorn.run(create_app(load_model(args.checkpoint), settings, inplace=True), **connection)
         return 0
     # Worker processes import the app by name, so the configuration travels in an environment variable.
     checkpoint = str(resolve_checkpoint(args.checkpoint))

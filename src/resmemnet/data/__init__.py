@@ -11,24 +11,28 @@ A score table with a non-number, NaN or inf score or an image listed twice raise
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from resmemnet.data.base import ImageScoreDataset, ScoreFileError, Split
+from resmemnet.model.registry import Registry
 
-__all__ = ["DATASET_NAMES", "ImageScoreDataset", "ScoreFileError", "Split", "describe_dataset", "load_split",
-           "num_splits"]
+__all__ = ["DATASETS", "DATASET_NAMES", "ImageScoreDataset", "ScoreFileError", "Split", "describe_dataset",
+           "load_split", "num_splits"]
 
-DATASET_NAMES = ("lamem", "sun", "lnsim", "memcat", "csv", "synthetic")
-_MODULES = {"lamem": "lamem", "sun": "sun", "lnsim": "lnsim", "memcat": "memcat", "csv": "csv_folder",
-            "synthetic": "synthetic"}
+# Each format's module is imported when first used: `resmemnet dataset --help` needs only the names.
+DATASETS: Registry[Callable[[], ModuleType]] = Registry("dataset")
+for _name, _module_name in (("lamem", "lamem"), ("sun", "sun"), ("lnsim", "lnsim"), ("memcat", "memcat"),
+                            ("csv", "csv_folder"), ("synthetic", "synthetic")):
+    DATASETS.register(_name)(partial(importlib.import_module, f"resmemnet.data.{_module_name}"))
+DATASET_NAMES = tuple(DATASETS.names())
 
 
 def _module(name: str, options: dict[str, Any]) -> ModuleType:
-    if name not in _MODULES:
-        raise ValueError(f"Unknown dataset {name!r}; choose one of: {', '.join(DATASET_NAMES)}")
-    module = importlib.import_module(f"resmemnet.data.{_MODULES[name]}")
+    module = DATASETS.get(name)()
     unknown = sorted(set(options) - set(module.OPTIONS))
     if unknown:
         valid = ", ".join(module.OPTIONS) or "none"
@@ -41,7 +45,7 @@ def _given(options: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_split(name: str, root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Any = None, **options: Any) -> Split:
+               **options: Any) -> Split:
     """Split `split` of dataset `name` under `root`: train/test (and val for LaMem) ImageScoreDatasets.
 
     Official splits are used where the dataset has them (LaMem, SUN); otherwise a seeded split is made,
@@ -50,7 +54,7 @@ def load_split(name: str, root: str | Path, *, split: int = 0, seed: int = 0, te
     """
     options = _given(options)
     return _module(name, options).load_split(Path(root), split=split, seed=seed, test_fraction=test_fraction,
-                                             transform=transform, **options)
+                                             **options)
 
 
 def num_splits(name: str, root: str | Path, **options: Any) -> int:

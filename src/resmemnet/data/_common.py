@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -12,8 +12,6 @@ import numpy as np
 
 from resmemnet.data.base import ImageScoreDataset, ScoreFileError, Split
 from resmemnet.metrics import human_consistency, split_half_consistency
-
-Transform = Callable[[Any], Any] | None
 
 ABSENT_EXAMPLES = 5  # how many absent file names a description lists
 
@@ -80,8 +78,7 @@ class Subset(NamedTuple):
     unscored: int  # on disk, no score (NaN: nobody saw it)
 
 
-def subset(paths: Sequence[Path], scores: np.ndarray, index: np.ndarray, present: np.ndarray,
-           transform: Transform) -> Subset:
+def subset(paths: Sequence[Path], scores: np.ndarray, index: np.ndarray, present: np.ndarray) -> Subset:
     """The images at `index` that exist and have a score.
 
     Items are dropped, never re-indexed, so each path keeps its own score.
@@ -90,7 +87,7 @@ def subset(paths: Sequence[Path], scores: np.ndarray, index: np.ndarray, present
     here = present[index]
     scored = ~np.isnan(scores[index])
     keep = index[here & scored]
-    dataset = ImageScoreDataset([paths[i] for i in keep], scores[keep], transform)
+    dataset = ImageScoreDataset([paths[i] for i in keep], scores[keep])
     return Subset(dataset, keep, int((~here).sum()), int((here & ~scored).sum()))
 
 
@@ -141,14 +138,13 @@ def presence(paths: Sequence[Path], present: np.ndarray) -> dict[str, Any]:
 
 
 def split_half_split(paths: Sequence[Path], present: np.ndarray, hrs1: np.ndarray, hrs2: np.ndarray,
-                     train_idx: np.ndarray, test_idx: np.ndarray, *, split: int, transform: Transform,
-                     info: dict[str, Any]) -> Split:
+                     train_idx: np.ndarray, test_idx: np.ndarray, *, split: int, info: dict[str, Any]) -> Split:
     """Isola et al.'s protocol: train on half-1 scores of the train images, test on half-2 scores of the test images.
 
     The test images' half-1 scores go with the split (`test_other_half`) for human consistency.
     """
-    parts = {"train": subset(paths, hrs1[split], train_idx, present, transform),
-             "test": subset(paths, hrs2[split], test_idx, present, transform)}
+    parts = {"train": subset(paths, hrs1[split], train_idx, present),
+             "test": subset(paths, hrs2[split], test_idx, present)}
     info = {**info, "split": split,
             "protocol": "split-half: train on half-1 scores of train images, test on half-2 scores of test images",
             **part_counts(parts)}
@@ -181,15 +177,15 @@ def split_half_description(name: str, paths: Sequence[Path], present: np.ndarray
 
 
 def table_split(paths: Sequence[Path], scores: np.ndarray, *, split: int, seed: int, test_fraction: float,
-                transform: Transform, info: dict[str, Any]) -> Split:
+                info: dict[str, Any]) -> Split:
     """A seeded train/test split of a score table with no official splits (MemCat, users' CSVs)."""
     present = present_mask(paths)
     if not present.any():
         raise FileNotFoundError(f"None of the {len(paths)} listed images exist (first expected at {paths[0]}); "
                                 "check --root")
     train_idx, test_idx = seeded_split(len(paths), seed=seed, split=split, test_fraction=test_fraction)
-    parts = {"train": subset(paths, scores, train_idx, present, transform),
-             "test": subset(paths, scores, test_idx, present, transform)}
+    parts = {"train": subset(paths, scores, train_idx, present),
+             "test": subset(paths, scores, test_idx, present)}
     return Split(train=parts["train"].dataset, test=parts["test"].dataset, info={
         **info, "split": split, "seed": seed, "protocol": "seeded random train/test split (no official splits)",
         "image_split": seeded_split_info(seed, split, test_fraction, train_idx, test_idx), **part_counts(parts)})

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from torch.utils.data import Dataset
-
-from resmemnet.data.images import load_image
 
 __all__ = ["ImageScoreDataset", "ScoreFileError", "Split"]
 
@@ -27,15 +23,13 @@ class ScoreFileError(ValueError):
         self.path, self.line, self.problem = Path(path), line, problem
 
 
-class ImageScoreDataset(Dataset):
-    """(image, score) pairs; `transform` maps a PIL image to a tensor (None returns the PIL image).
+class ImageScoreDataset:
+    """Image paths with one score each; images are decoded where they are scored (resmemnet.data.decoded).
 
     Every score must be finite: one NaN or inf would make every metric over the set NaN or inf.
-    A bad file raises ImageLoadError naming it, so a caller can report and skip it.
     """
 
-    def __init__(self, paths: Sequence[str | Path], scores: Sequence[float] | np.ndarray,
-                 transform: Callable[[Any], torch.Tensor] | None = None):
+    def __init__(self, paths: Sequence[str | Path], scores: Sequence[float] | np.ndarray):
         if len(paths) != len(scores):
             raise ValueError(f"{len(paths)} paths but {len(scores)} scores")
         self.paths = [Path(p) for p in paths]
@@ -45,19 +39,9 @@ class ImageScoreDataset(Dataset):
         if bad.size:
             raise ValueError(f"{bad.size} of {len(paths)} scores are not finite, e.g. {self.paths[bad[0]]}: "
                              f"{self.scores[bad[0]]}; leave unscored images out of the dataset")
-        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    def __getitem__(self, index: int) -> tuple[Any, torch.Tensor]:
-        image = load_image(self.paths[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, torch.tensor(self.scores[index])
-
-    def with_transform(self, transform: Callable[[Any], torch.Tensor] | None) -> ImageScoreDataset:
-        return ImageScoreDataset(self.paths, self.scores, transform)
 
 
 @dataclass

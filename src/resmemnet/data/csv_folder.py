@@ -10,7 +10,6 @@ from typing import Any
 import numpy as np
 
 from resmemnet.data._common import (
-    Transform,
     check_split,
     check_unique,
     finite_score,
@@ -57,13 +56,13 @@ def num_splits(root: str | Path, **options: Any) -> int:
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Transform = None, csv: str | Path | None = None, path_column: str = "path",
+               csv: str | Path | None = None, path_column: str = "path",
                score_column: str = "score") -> Split:
     """A seeded train/test split; test_fraction=1.0 puts every image in the test set (evaluation only)."""
     check_split(split, 1, "csv")
     root = Path(root)
     paths, scores = _read(root, csv, path_column, score_column)
-    return table_split(paths, scores, split=split, seed=seed, test_fraction=test_fraction, transform=transform,
+    return table_split(paths, scores, split=split, seed=seed, test_fraction=test_fraction,
                        info={"dataset": "csv", "root": str(root), "csv": str(csv), "score_column": score_column})
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from resmemnet.data.images import ImageLoadError, load_image
+from resmemnet.data.images import ImageLoadError, ImageSource, load_image
 
 __all__ = ["DecodedBatch", "DecodedImages", "DecodedItem", "collate_decoded"]
 
@@ -49,14 +49,18 @@ class DecodedImages(Dataset):
 
     `min_size` (height, width) lets JPEG decoding skip detail the transform would discard.
     `flip(i) -> 0/1` mirrors item i horizontally (training augmentation decided per image, not by a global RNG).
+    `reader(path)` gives what to decode for a path that is not a local file (a URI's bytes); it raises
+    ImageLoadError for one it cannot read.
     """
 
     def __init__(self, paths: Sequence[str | PathLike[str]], transform: Callable[[Any], torch.Tensor], *,
-                 min_size: tuple[int, int] | None = None, flip: Callable[[int], int] | None = None):
+                 min_size: tuple[int, int] | None = None, flip: Callable[[int], int] | None = None,
+                 reader: Callable[[str], ImageSource] | None = None):
         self.paths = [str(p) for p in paths]
         self.transform = transform
         self.min_size = min_size
         self.flip = flip
+        self.reader = reader
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -64,7 +68,8 @@ class DecodedImages(Dataset):
     def __getitem__(self, index: int) -> DecodedItem:
         path = self.paths[index]
         try:
-            image = self.transform(load_image(path, min_size=self.min_size))
+            source = path if self.reader is None else self.reader(path)
+            image = self.transform(load_image(source, min_size=self.min_size))
         except ImageLoadError as exc:
             return DecodedItem(index, path, None, exc.reason)
         if self.flip is not None and self.flip(index):

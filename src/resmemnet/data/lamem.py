@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from resmemnet.data._common import (
-    Transform,
     check_split,
     check_unique,
     finite_score,
@@ -82,8 +81,7 @@ def _line_of(path: Path, name: str) -> int:
         return next(number for number, line in enumerate(f, 1) if line.split()[:1] == [name])
 
 
-def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Transform = None) -> Split:
+def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2) -> Split:
     """The official split `split` + 1; `seed` and `test_fraction` do not apply (the split files decide)."""
     root = Path(root)
     numbers = _split_numbers(root)
@@ -92,7 +90,7 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
     parts = {}
     for part, (names, scores) in _read_parts(root, number).items():
         paths = [root / "images" / name for name in names]
-        parts[part] = subset(paths, scores, np.arange(len(paths)), present_mask(paths), transform)
+        parts[part] = subset(paths, scores, np.arange(len(paths)), present_mask(paths))
     if not len(parts["train"].dataset) + len(parts["test"].dataset):
         raise FileNotFoundError(f"None of the images listed in {root / 'splits'} are in {root / 'images'}; "
                                 "download LaMem's images into that folder")

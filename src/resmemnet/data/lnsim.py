@@ -14,7 +14,6 @@ import numpy as np
 from scipy.io import loadmat
 
 from resmemnet.data._common import (
-    Transform,
     check_split,
     check_split_halves,
     present_mask,
@@ -60,8 +59,7 @@ def num_splits(root: str | Path) -> int:
     return int(split_half_scores(Path(root))[0].shape[0])
 
 
-def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Transform = None) -> Split:
+def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2) -> Split:
     root = Path(root)
     hrs1, hrs2 = split_half_scores(root)
     check_split(split, hrs1.shape[0], "LNSIM")
@@ -70,7 +68,7 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
     info = {"dataset": "lnsim", "root": str(root), "seed": seed,
             "image_split": seeded_split_info(seed, split, test_fraction, train_idx, test_idx)}
     return split_half_split(paths, present_mask(paths), hrs1, hrs2, train_idx, test_idx, split=split,
-                            transform=transform, info=info)
+                            info=info)
 
 
 def describe(root: str | Path) -> dict[str, Any]:

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from resmemnet.data._common import (
-    Transform,
     check_split,
     check_unique,
     finite_score,
@@ -63,13 +62,13 @@ def num_splits(root: str | Path, **options: Any) -> int:
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Transform = None, score_column: str = SCORE_COLUMNS[0], csv: str | Path | None = None,
+               score_column: str = SCORE_COLUMNS[0], csv: str | Path | None = None,
                ) -> Split:
     """A seeded train/test split (MemCat has no official one); vary `seed` for repeated splits."""
     check_split(split, 1, "MemCat")
     root = Path(root)
     paths, scores, _ = _read(root, score_column, csv)
-    return table_split(paths, scores, split=split, seed=seed, test_fraction=test_fraction, transform=transform,
+    return table_split(paths, scores, split=split, seed=seed, test_fraction=test_fraction,
                        info={"dataset": "memcat", "root": str(root), "score_column": score_column})
 
 

@@ -22,7 +22,6 @@ from PIL import Image
 from scipy.io import loadmat, whosmat
 
 from resmemnet.data._common import (
-    Transform,
     check_split,
     check_split_halves,
     present_mask,
@@ -100,7 +99,7 @@ def num_splits(root: str | Path, **options: Any) -> int:
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Transform = None, images_dir: str | Path | None = None) -> Split:
+               images_dir: str | Path | None = None) -> Split:
     """The official split `split` (0-based row of the split files); `seed`/`test_fraction` do not apply."""
     root = Path(root)
     hrs1, hrs2 = split_half_scores(root)
@@ -113,7 +112,7 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
     info = {"dataset": "sun", "root": str(root), "seed": seed, "images_dir": str(folder),
             "split_files": str(root / SPLITS_DIR)}
     return split_half_split(paths, present_mask(paths), hrs1, hrs2, train_idx, test_idx, split=split,
-                            transform=transform, info=info)
+                            info=info)
 
 
 def describe(root: str | Path, *, images_dir: str | Path | None = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from resmemnet.data._common import Transform, check_split, part_counts, present_mask, subset, table_description
+from resmemnet.data._common import check_split, part_counts, present_mask, subset, table_description
 from resmemnet.data.base import Split
 
 __all__ = ["NUM_SPLITS", "OPTIONS", "describe", "load_split", "num_splits"]
@@ -51,7 +51,7 @@ def num_splits(root: str | Path, **options: Any) -> int:
 
 
 def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction: float = 0.2,
-               transform: Transform = None, n: int = 48, size: int = 32) -> Split:
+               n: int = 48, size: int = 32) -> Split:
     """Train/val/test of `n` images of `size` x `size` pixels; `test_fraction` does not apply (70/15/15)."""
     check_split(split, NUM_SPLITS, "synthetic")
     if n < 7:
@@ -60,9 +60,9 @@ def load_split(root: str | Path, *, split: int = 0, seed: int = 0, test_fraction
     order = np.random.default_rng([seed, split]).permutation(n)
     n_train, n_val = int(0.7 * n), int(0.15 * n)
     present = present_mask(paths)
-    parts = {"train": subset(paths, scores, order[:n_train], present, transform),
-             "val": subset(paths, scores, order[n_train:n_train + n_val], present, transform),
-             "test": subset(paths, scores, order[n_train + n_val:], present, transform)}
+    parts = {"train": subset(paths, scores, order[:n_train], present),
+             "val": subset(paths, scores, order[n_train:n_train + n_val], present),
+             "test": subset(paths, scores, order[n_train + n_val:], present)}
     return Split(train=parts["train"].dataset, test=parts["test"].dataset, val=parts["val"].dataset,
                  info={"dataset": "synthetic", "root": str(root), "split": split, "seed": seed, "n": n, "size": size,
                        "protocol": "synthetic: default_rng([seed, split]) permutation, 70/15/15 train/val/test",

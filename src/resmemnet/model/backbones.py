@@ -1,32 +1,50 @@
-"""Backbones: torchvision trunks that return the output of every block, in depth order.
+"""Backbones: torchvision trunks that return every block's output, globally average-pooled, in depth order.
 
 Each builder names a torchvision model's tap points (every residual block for ResNets, every
 inverted-residual / MBConv block for the mobile nets) and torchvision's feature extractor
-(`create_feature_extractor`, torch.fx) rewrites the model to return exactly those outputs. The
-tapped blocks stay leaf modules of the traced graph: each is still called as a module under its
-torchvision name (`layer4.2`), so forward hooks (Grad-CAM) fire on it and state dicts load unchanged.
-Everything after the last tap (pooling, classifier) is pruned from the graph, so no parameter goes
-unused (DistributedDataParallel rejects unused ones).
+(`create_feature_extractor`, torch.fx) rewrites the model to return exactly those outputs, each
+pooled inside the graph (`pooled_outputs`): a block's map is freed as soon as the next block has
+read it, so memory holds one block's activations rather than every block's. The tapped blocks stay
+leaf modules of the traced graph: each is still called as a module under its torchvision name
+(`layer4.2`), so forward hooks (Grad-CAM's, `Backbone.map_at`) see its map and state dicts load
+unchanged. Everything after the last tap (pooling, classifier) is pruned from the graph, so no
+parameter goes unused (DistributedDataParallel rejects unused ones).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 import torchvision
-from torch import nn
+from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor
 
 from resmemnet.model.registry import Registry
 
-__all__ = ["BACKBONES", "Backbone", "BackboneWeightsError", "create_backbone"]
+__all__ = ["BACKBONES", "Backbone", "BackboneWeightsError", "create_backbone", "pooled_outputs"]
 
-BACKBONES: Registry[Backbone] = Registry("backbone")
+BACKBONES: Registry[Callable[[], Backbone]] = Registry("backbone")
 
 
 class BackboneWeightsError(RuntimeError):
     """Backbone weights could not be obtained; the message says what to do instead."""
+
+
+def pooled_outputs(extractor: fx.GraphModule, names: Collection[str]) -> fx.GraphModule:
+    """`extractor` (a `create_feature_extractor` module) with its outputs in `names` averaged over H and W.
+
+    torch.fx frees each value after its last use, so a map the graph no longer returns lives only until
+    the next block and its mean have read it. The new module shares the extractor's submodules, and
+    hence its parameters and state-dict names.
+    """
+    graph = fx.Graph()
+    outputs = dict(graph.graph_copy(extractor.graph, {}))
+    for name in names:
+        with graph.inserting_after(outputs[name]):  # right after the block, so the map's last use is here
+            outputs[name] = graph.call_method("mean", (outputs[name], (2, 3)))
+    graph.output(outputs)
+    return fx.GraphModule(extractor, graph, class_name=type(extractor).__name__)
 
 
 class Backbone(nn.Module):
@@ -42,13 +60,25 @@ class Backbone(nn.Module):
         self.taps = list(taps)
         # Every tapped block's class is a leaf: traced as one call, not inlined into its layers.
         blocks = list(dict.fromkeys(type(net.get_submodule(tap)) for tap in self.taps))
-        self.net = create_feature_extractor(net, return_nodes=self.taps, tracer_kwargs={"leaf_modules": blocks})
+        extractor = create_feature_extractor(net, return_nodes=self.taps, tracer_kwargs={"leaf_modules": blocks})
+        self.net = pooled_outputs(extractor, self.taps)
         self.cam_layer = cam_layer
-        self.tap_channels = self._probe_channels()
+        self.tap_channels, self.tap_strides = self._probe()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(batch, channels) pooled outputs of the tapped blocks, in depth order."""
         outputs = self.net(x)
         return [outputs[tap] for tap in self.taps]
+
+    def map_at(self, x: torch.Tensor, index: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The pooled outputs of taps[:index + 1], and the output map of taps[index] (a forward hook's catch)."""
+        caught: list[torch.Tensor] = []
+        hook = self.net.get_submodule(self.taps[index]).register_forward_hook(lambda _m, _a, out: caught.append(out))
+        try:
+            pooled = self(x)[:index + 1]
+        finally:
+            hook.remove()
+        return pooled, caught[0]
 
     def stage_end(self, stage: str) -> int:
         """How many taps lie in the stages up to `stage` (e.g. "layer2"): the frozen part of a partly trained trunk.
@@ -66,11 +96,11 @@ class Backbone(nn.Module):
         return max(i for i, s in enumerate(stages) if s == stage) + 1
 
     def forward_from(self, x: torch.Tensor, start: int) -> list[torch.Tensor]:
-        """The outputs of taps[start:], given the output of taps[start - 1] (see `stage_end`)."""
+        """The pooled outputs of taps[start:], given the output map of taps[start - 1] (see `stage_end`)."""
         outputs = []
         for tap in self.taps[start:]:
             x = self.net.get_submodule(tap)(x)
-            outputs.append(x)
+            outputs.append(x.mean(dim=(2, 3)))
         return outputs
 
     def load_trunk(self, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -82,14 +112,22 @@ class Backbone(nn.Module):
             raise BackboneWeightsError(f"Weights from {source} do not fit the {self.name} backbone: "
                                        f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
-    def _probe_channels(self) -> list[int]:
-        # A tiny dry run is the one way that works for every family; eval() keeps BN stats intact.
+    def _probe(self) -> tuple[list[int], list[int]]:
+        """Each tap's channels and stride (input side / map side): a tiny dry run is the one way that works for
+        every family; eval() keeps BN stats intact."""
         was_training = self.training
         self.eval()
-        with torch.no_grad():
-            channels = [t.shape[1] for t in self(torch.zeros(1, 3, 64, 64))]
+        sides: list[int] = []
+        hooks = [self.net.get_submodule(tap).register_forward_hook(lambda _m, _a, out: sides.append(out.shape[-1]))
+                 for tap in self.taps]
+        try:
+            with torch.no_grad():
+                channels = [t.shape[1] for t in self(torch.zeros(1, 3, _PROBE_SIDE, _PROBE_SIDE))]
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.train(was_training)
-        return channels
+        return channels, [_PROBE_SIDE // side for side in sides]
 
 
 def create_backbone(name: str) -> Backbone:
@@ -101,6 +139,7 @@ def create_backbone(name: str) -> Backbone:
 
 
 _CLASSIFIER_PREFIXES = ("fc.", "classifier.")
+_PROBE_SIDE = 64
 
 
 def _resnet(arch: str, blocks: tuple[int, ...]) -> Callable[..., Backbone]:

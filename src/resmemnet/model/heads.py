@@ -1,6 +1,6 @@
 """Heads: turn the depth-ordered sequence of projected block features into one raw score.
 
-Every head takes a (batch, taps, dim) tensor and returns a (batch,) tensor. The paper's head is
+The sequence heads take a (batch, taps, dim) tensor and return a (batch,) tensor. The paper's head is
 `lstm`; `bilstm` and `transformer` are its future work; `last` is the baseline it argues against
 (only the deepest block, as MemNet-style models do).
 
@@ -16,6 +16,7 @@ experts that keep the trunk's general knowledge (resmemnet-large: LNSIM's outdoo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -25,7 +26,7 @@ from resmemnet.model.registry import Registry
 
 __all__ = ["HEADS", "POOLED_HEADS", "GatedEnsemble", "LinearEnsemble", "PeepholeLSTM", "create_head"]
 
-HEADS: Registry[nn.Module] = Registry("head")
+HEADS: Registry[Callable[..., nn.Module]] = Registry("head")
 POOLED_HEADS = frozenset(ENSEMBLE_HEADS)  # heads that read the pooled taps, not a projected sequence
 
 

@@ -1,4 +1,4 @@
-"""A name -> builder registry, one per kind of part (backbones, heads)."""
+"""The one name -> entry registry, one per kind of thing: backbones, heads, datasets, weights."""
 
 from __future__ import annotations
 
@@ -9,31 +9,34 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Maps each name to exactly one builder; clashes and unknown names fail loudly."""
+    """Maps each name to exactly one entry (a builder, a weights object); clashes and unknown names fail loudly."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
-        self._builders: dict[str, Callable[..., T]] = {}
+        self._entries: dict[str, T] = {}
 
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def decorator(fn: Callable[..., T]) -> Callable[..., T]:
-            if name in self._builders:
-                raise ValueError(f"A {self.kind} is already registered under the name {name!r}")
-            self._builders[name] = fn
-            return fn
+    def add(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"A {self.kind} is already registered under the name {name!r}")
+        self._entries[name] = entry
+        return entry
 
-        return decorator
+    def register(self, name: str) -> Callable[[T], T]:
+        """`add` as a decorator: `@HEADS.register("lstm")` over a builder."""
+        return lambda entry: self.add(name, entry)
 
-    def get(self, name: str) -> Callable[..., T]:
+    def get(self, name: str) -> T:
         try:
-            return self._builders[name]
+            return self._entries[name]
         except KeyError:
-            raise ValueError(
-                f"Unknown {self.kind} {name!r}; available: {', '.join(self.names())}"
-            ) from None
+            raise ValueError(f"Unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
 
     def names(self) -> list[str]:
-        return sorted(self._builders)
+        return sorted(self._entries)
+
+    def values(self) -> list[T]:
+        """The entries, in name order."""
+        return [self._entries[name] for name in self.names()]
 
     def __contains__(self, name: object) -> bool:
-        return name in self._builders
+        return name in self._entries

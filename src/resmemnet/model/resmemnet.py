@@ -1,6 +1,6 @@
 """ResMem-Net: every residual block of a CNN, pooled and projected, read in depth order by an LSTM.
 
-image -> backbone blocks A_1..A_n -> GAP -> 1x1 conv (proj_dim) -> LayerNorm -> dropout
+image -> backbone blocks A_1..A_n -> GAP (inside the backbone's graph) -> 1x1 conv (proj_dim) -> LayerNorm -> dropout
       -> sequence (batch, n, proj_dim) -> head (LSTM by default) -> linear -> score
 
 A pooled-input head (`linear-ensemble`) reads the GAP outputs directly, with no projection, and
@@ -68,6 +68,16 @@ class ResMemNet(nn.Module):
     def tap_channels(self) -> list[int]:
         return self.backbone.tap_channels
 
+    def activation_bytes(self, size: tuple[int, int]) -> int:
+        """A bound on one image's activations in an inference pass on (height, width) inputs.
+
+        Taps are pooled as they are produced, so the peak is the largest block's working set: its input,
+        inner maps and output, counted as four fp32 copies of its output map.
+        """
+        height, width = size
+        return max(16 * c * math.ceil(height / s) * math.ceil(width / s)
+                   for c, s in zip(self.tap_channels, self.backbone.tap_strides, strict=True))
+
     @property
     def cam_layer(self) -> str:
         """Default Grad-CAM target: the last backbone stage, by its name in this module."""
@@ -78,14 +88,13 @@ class ResMemNet(nn.Module):
         """Images -> (batch, sum(channels)) globally average-pooled block outputs (what a cache stores)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"Expected images of shape (batch, 3, H, W), got {tuple(images.shape)}")
-        return torch.cat([t.mean(dim=(2, 3)) for t in self.backbone(images)], dim=1)
+        return torch.cat(self.backbone(images), dim=1)
 
     def trunk_rows(self, images: torch.Tensor, start: int) -> torch.Tensor:
         """Images -> (batch, pooled taps[:start] + flattened output map of taps[start - 1]): what a partly
         trained trunk caches, so training runs only the blocks from `start` on (`pool_rows`)."""
-        taps = self.backbone(images)[:start]
-        pooled = torch.cat([t.mean(dim=(2, 3)) for t in taps], dim=1)
-        return torch.cat([pooled, taps[-1].flatten(1)], dim=1)
+        pooled, last = self.backbone.map_at(images, start - 1)
+        return torch.cat([*pooled, last.flatten(1)], dim=1)
 
     def pool_rows(self, rows: torch.Tensor, start: int) -> torch.Tensor:
         """`trunk_rows` output -> every tap pooled (as `pool_taps` gives), running the blocks from `start` on."""
@@ -96,7 +105,7 @@ class ResMemNet(nn.Module):
             raise ValueError(f"Rows of {rows.shape[1]} values are not {width} pooled features plus a square "
                              f"{channels}-channel map")
         x = rows[:, width:].reshape(-1, channels, side, side).contiguous(memory_format=torch.channels_last)
-        tail = [t.mean(dim=(2, 3)) for t in self.backbone.forward_from(x, start)]
+        tail = self.backbone.forward_from(x, start)
         return torch.cat([rows[:, :width].to(tail[0].dtype), *tail], dim=1)
 
     def forward_members(self, pooled: torch.Tensor) -> torch.Tensor:

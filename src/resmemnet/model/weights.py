@@ -27,8 +27,9 @@ import torchvision
 
 from resmemnet.model.backbones import BACKBONES, BackboneWeightsError
 from resmemnet.model.preprocessing import Preprocessing
+from resmemnet.model.registry import Registry
 
-__all__ = ["Weights", "file_weights", "get_weights", "list_models", "list_weights", "register_weights",
+__all__ = ["WEIGHTS", "Weights", "file_weights", "get_weights", "list_models", "list_weights", "register_weights",
            "trunk_weights"]
 
 WeightsKind = Literal["trunk", "model"]
@@ -66,32 +67,28 @@ class Weights:
         return self.loader(arch)
 
 
-_WEIGHTS: dict[str, Weights] = {}
+WEIGHTS: Registry[Weights] = Registry("weights")  # trunk sources and bundled models: a name is taken once
 
 
 def register_weights(weights: Weights) -> Weights:
-    """Add a weight source or bundled model; a name is taken once, across both kinds."""
-    if weights.name in _WEIGHTS:
-        raise ValueError(f"Weights are already registered under the name {weights.name!r}")
-    _WEIGHTS[weights.name] = weights
-    return weights
+    """Add a weight source or bundled model."""
+    return WEIGHTS.add(weights.name, weights)
 
 
 def get_weights(name: str) -> Weights:
     """The registered weights called `name` (a trunk source or a bundled model)."""
-    try:
-        return _WEIGHTS[name]
-    except KeyError:
+    if name not in WEIGHTS:
         raise ValueError(f"Unknown weights {name!r}; trunk weights: {', '.join(list_weights())}; "
-                         f"bundled models: {', '.join(list_models()) or 'none'}") from None
+                         f"bundled models: {', '.join(list_models()) or 'none'}")
+    return WEIGHTS.get(name)
 
 
 def trunk_weights(name: str, backbone: str) -> Weights:
     """Registered trunk weights that fit `backbone`, or a ValueError listing the ones that do."""
-    weights = _WEIGHTS.get(name)
+    weights = WEIGHTS.get(name) if name in WEIGHTS else None
     if weights is None or weights.kind != "trunk" or weights.arch not in (None, backbone) or (
             weights.meta.get("torchvision") and name not in _torchvision_names(backbone)):
-        fitting = [w.name for w in _WEIGHTS.values() if w.kind == "trunk" and w.arch in (None, backbone)
+        fitting = [w.name for w in WEIGHTS.values() if w.kind == "trunk" and w.arch in (None, backbone)
                    and (not w.meta.get("torchvision") or w.name in _torchvision_names(backbone))]
         raise ValueError(f"Unknown weights {name!r} for {backbone}; available: {', '.join(fitting)}")
     return weights
@@ -99,12 +96,12 @@ def trunk_weights(name: str, backbone: str) -> Weights:
 
 def list_weights() -> list[str]:
     """Names of the registered trunk weight sources."""
-    return sorted(n for n, w in _WEIGHTS.items() if w.kind == "trunk")
+    return [w.name for w in WEIGHTS.values() if w.kind == "trunk"]
 
 
 def list_models() -> list[str]:
     """Names of the bundled models, loadable with `resmemnet.load_model(name)`."""
-    return sorted(n for n, w in _WEIGHTS.items() if w.kind == "model")
+    return [w.name for w in WEIGHTS.values() if w.kind == "model"]
 
 
 # ---- torchvision's ImageNet weights: downloaded on first use, cached by torch.hub

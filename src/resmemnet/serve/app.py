@@ -1,4 +1,8 @@
-"""The HTTP API and web page: a thin FastAPI adapter over `predict` and `explain`.
+"""The HTTP API and web page: a thin FastAPI adapter over the inference core's scorer and Grad-CAM.
+
+One `TorchScorer` is built at start-up, under the device and precision policy of `resmemnet predict`
+(resmemnet.runtime), and every micro-batch of /v1/predict and /v1/explain runs through it: a file
+gets the same score from the API as from `predict`, `resmemnet predict` and `resmemnet explain`.
 
 Uploads are read into memory under size and count limits, decoded by `load_image` (type sniffed
 from the bytes, decompression-bomb guard) in a worker thread, and scored by a micro-batcher, so
@@ -13,7 +17,6 @@ requests, and freed memory is handed back to the system after large uploads (ser
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import json
 import os
@@ -37,12 +40,11 @@ from scipy.stats import rankdata
 
 from resmemnet import __version__
 from resmemnet.data.images import DEFAULT_MAX_PIXELS, ImageLoadError, apply_max_pixels, default_max_pixels, load_image
-from resmemnet.explain import Explanation, explain
-from resmemnet.inference import model_output_error
+from resmemnet.explain import Explanation, explain_batch
+from resmemnet.inference import TorchScorer, model_output_error
 from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.predict import predict
 from resmemnet.pretrained import load_model
-from resmemnet.runtime import resolve_device
 from resmemnet.serve.batching import BatcherClosedError, MicroBatcher, QueueFullError
 from resmemnet.serve.memory import PixelBudget, release_memory, tune_allocator
 from resmemnet.serve.middleware import BodyLimit, BodyTimeout, SecurityHeaders, security_headers
@@ -72,6 +74,7 @@ class ServeSettings:
     header_timeout_s: float = 10.0  # a request head must arrive within this, else the connection closes
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this
     device: str = "auto"  # resolved by resmemnet.runtime, like predict, evaluate and explain
+    precision: str = "auto"  # the policy of `resmemnet predict` (resmemnet.runtime); GET /v1/model says which and why
 
     def __post_init__(self) -> None:
         for name in ("max_files", "max_file_bytes", "max_pixels", "decode_pixels", "max_batch", "explain_batch",
@@ -152,11 +155,6 @@ def _header_pixels(data: bytes) -> int:
         return 0
 
 
-def _on_device(model: torch.nn.Module, device: torch.device) -> bool:
-    return all(p.device.type == device.type and (device.index is None or p.device.index == device.index)
-               for p in model.parameters())
-
-
 def _png(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -192,130 +190,145 @@ def _ranks(scores: list[float | None]) -> list[int | None]:
     return out
 
 
-def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastAPI:
-    """The app for an already-loaded model (tests build a tiny one; the CLI loads a checkpoint).
+class _Server:
+    """What the routes share: the settings, the one scorer (built at start-up, reused by every micro-batch), the
+    two micro-batchers that feed it and the decoding budget."""
 
-    The caller's model is left as it is: a copy is moved when it is on another device or in training mode.
-    """
-    settings = settings or ServeSettings()
-    apply_max_pixels(settings.max_pixels)  # Pillow's own guard too, before any upload's header is read
-    tune_allocator()  # before the first large buffer: they then go back to the system when freed
-    device = resolve_device(settings.device)
-    if model.training or not _on_device(model, device):
-        model = copy.deepcopy(model).eval().to(device)
-    static = _static_files()
-    budget = PixelBudget(settings.decode_pixels)
-    model_lock = threading.Lock()  # Grad-CAM hooks must never see a predict batch's forward pass
-    wait_s = settings.max_wait_ms / 1000
+    def __init__(self, model: ResMemNet, settings: ServeSettings, *, inplace: bool):
+        self.settings = settings
+        self.scorer = TorchScorer(model, device=settings.device, precision=settings.precision, inplace=inplace)
+        self.transform = self.scorer.preprocessing.transforms()
+        self.budget = PixelBudget(settings.decode_pixels)
+        lock = threading.Lock()  # Grad-CAM hooks must never see a predict batch's forward pass
+        wait_s = settings.max_wait_ms / 1000
+        # A model call's activations (0.4 GB for 8 images through ResNet-152) are mmapped (tune_allocator) and
+        # unmapped as they are freed; what small buffers leave in the arenas is trimmed once a burst is over.
+        self.batchers: dict[str, MicroBatcher[Any, Any]] = {
+            "predict": MicroBatcher(self._score, max_batch=settings.max_batch, max_wait_s=wait_s, lock=lock,
+                                    on_idle=release_memory, max_queue=settings.max_queue, name="resmemnet-predict"),
+            "explain": MicroBatcher(self._explain, max_batch=settings.explain_batch, max_wait_s=wait_s, lock=lock,
+                                    on_idle=release_memory, max_queue=settings.max_queue, name="resmemnet-explain")}
 
-    def score_batch(tensors: list[torch.Tensor]) -> list[tuple[float, float | None]]:
-        scores, spread = predict(tensors, model, batch_size=settings.max_batch, device=device, return_std=True)
+    def _score(self, tensors: list[torch.Tensor]) -> list[tuple[float, float | None]]:
+        scores, spread = predict(tensors, self.scorer, batch_size=self.settings.max_batch, return_std=True)
         return [(float(s), None if np.isnan(d) else float(d)) for s, d in zip(scores, spread, strict=True)]
 
-    def explain_batch(images: list[Image.Image]) -> list[Explanation]:
-        return explain(images, model, batch_size=settings.explain_batch, device=device)
+    def _explain(self, items: list[tuple[torch.Tensor, Image.Image]]) -> list[Explanation]:
+        size = self.settings.explain_batch
+        return [e for start in range(0, len(items), size) for e in explain_batch(
+            self.scorer, torch.stack([x for x, _ in items[start:start + size]]),
+            [image for _, image in items[start:start + size]])]
 
-    # A model call's activations (0.4 GB for 8 images through ResNet-152) are mmapped (tune_allocator) and
-    # unmapped as they are freed; what small buffers leave in the arenas is trimmed once a burst is over.
-    scorer = MicroBatcher(score_batch, max_batch=settings.max_batch, max_wait_s=wait_s, on_idle=release_memory,
-                          max_queue=settings.max_queue, lock=model_lock, name="resmemnet-predict")
-    explainer = MicroBatcher(explain_batch, max_batch=settings.explain_batch, max_wait_s=wait_s,
-                             on_idle=release_memory, max_queue=settings.max_queue, lock=model_lock,
-                             name="resmemnet-explain")
+    def model_input(self, data: bytes) -> torch.Tensor:
+        """The network's input, decoded as `predict` and `resmemnet predict` decode a file (so: the same score)."""
+        image = load_image(data, max_pixels=self.settings.max_pixels, min_size=self.scorer.preprocessing.input_size)
+        return self.transform(image)
 
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        scorer.close()
-        explainer.close()
+    def explain_input(self, data: bytes) -> tuple[torch.Tensor, Image.Image]:
+        """The network's input, and the picture the heatmap is drawn on: decoded a second time, to at most
+        `overlay_max_side` a side. A full-size heatmap of a 40-megapixel upload would cost gigabytes."""
+        side = self.settings.overlay_max_side
+        image = load_image(data, max_pixels=self.settings.max_pixels, min_size=(side, side))
+        image.thumbnail((side, side), Image.Resampling.LANCZOS)
+        return self.model_input(data), image
 
-    # FastAPIOffline serves Swagger UI from files shipped in its wheel (MIT; Swagger UI itself is Apache-2.0),
-    # so /docs works with no network, where FastAPI's loads it from a CDN. ReDoc is off: it fetches its logo
-    # from its vendor's site.
-    app = FastAPIOffline(title="resmemnet", version=__version__, lifespan=lifespan, redoc_url=None,
-                         description="Predict how memorable an image is, and see which regions drive the score "
-                                     "(ResMem-Net, Grad-CAM). Upload images as the repeatable multipart field "
-                                     "`files`.")
-    app.state.settings = settings
-    app.state.batchers = {"predict": scorer, "explain": explainer}
-    app.state.pixel_budget = budget
-    # Last added runs first: the security headers also cover the limits' own refusals.
-    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
-    app.add_middleware(SecurityHeaders)
-    transform = model.preprocessing.transforms()
-    model_side = max(model.preprocessing.input_size)
-
-    async def server_error(request: Request, _: Exception) -> JSONResponse:
-        # Sent from outside every middleware, so the security headers are added here.
-        return JSONResponse({"detail": "Internal server error; the server log has the details"}, status_code=500,
-                            headers=security_headers(request.url.path))
-
-    app.add_exception_handler(Exception, server_error)
-
-    def fit(image: Image.Image) -> Image.Image:
-        """Explanations are for viewing, and a full-size heatmap of a 40-megapixel upload would cost
-        gigabytes; the network sees its own input size either way."""
-        image.thumbnail((settings.overlay_max_side, settings.overlay_max_side), Image.Resampling.LANCZOS)
-        return image
-
-    async def read_uploads(files: list[UploadFile], prepare: Callable[[Image.Image], Any],
-                           side: int) -> list[_Upload]:
-        """Bytes in memory under the limits, then decoding in a thread; bad files become error rows.
-
-        Each file is decoded to at least `side` pixels a side (no larger than that needs), under the
-        shared pixel budget, and handed to `prepare` before the next, so a request holds at most one
-        full-size decoded image at a time."""
-        if len(files) > settings.max_files:
-            raise HTTPException(422, f"{len(files)} files uploaded; the limit is {settings.max_files} per request. "
+    async def read_uploads(self, files: list[UploadFile], prepare: Callable[[bytes], Any]) -> list[_Upload]:
+        """Bytes in memory under the limits, then `prepare` (decoding) in a thread; bad files become error rows."""
+        limits = self.settings
+        if len(files) > limits.max_files:
+            raise HTTPException(422, f"{len(files)} files uploaded; the limit is {limits.max_files} per request. "
                                      "Send them in several requests.")
         blobs: list[tuple[str, bytes]] = []
         for f in files:
             name = (f.filename or f"file {len(blobs) + 1}")[:255]
-            data = await f.read(settings.max_file_bytes + 1)
-            if len(data) > settings.max_file_bytes:
-                raise HTTPException(413, f"{name}: over the limit of {settings.max_file_bytes:,} bytes per file")
+            data = await f.read(limits.max_file_bytes + 1)
+            if len(data) > limits.max_file_bytes:
+                raise HTTPException(413, f"{name}: over the limit of {limits.max_file_bytes:,} bytes per file")
             blobs.append((name, data))
-
-        def decode() -> list[_Upload]:
-            uploads, decoded = [], 0
-            for name, data in blobs:
-                pixels = _header_pixels(data)
-                pixels = pixels if pixels <= settings.max_pixels else 0  # refused from the header, never decoded
-                try:
-                    with budget.hold(pixels):
-                        image = load_image(data, max_pixels=settings.max_pixels, min_size=(side, side))
-                    uploads.append(_Upload(name, prepare(image)))
-                except ImageLoadError as exc:
-                    uploads.append(_Upload(name, error=exc.reason))
-                decoded += pixels
-            if decoded >= _TRIM_AFTER_PIXELS:
-                release_memory()
-            return uploads
-
-        uploads = await run_in_threadpool(decode)
+        uploads = await run_in_threadpool(self._decode, blobs, prepare)
         if all(u.item is None for u in uploads):
             reasons = "; ".join(f"{u.filename}: {u.error}" for u in uploads)
             raise HTTPException(422, f"No usable image in the upload ({reasons})")
         return uploads
 
-    async def run_batcher(batcher: MicroBatcher[Any, Any], items: list[Any]) -> list[Any]:
+    def _decode(self, blobs: list[tuple[str, bytes]], prepare: Callable[[bytes], Any]) -> list[_Upload]:
+        """One file at a time, under the shared pixel budget, so a request holds at most one full-size decoded
+        image at a time; an image over the pixel limit is refused from its header, never decoded."""
+        uploads, decoded = [], 0
+        for name, data in blobs:
+            pixels = _header_pixels(data)
+            pixels = pixels if pixels <= self.settings.max_pixels else 0
+            try:
+                with self.budget.hold(pixels):
+                    uploads.append(_Upload(name, prepare(data)))
+            except ImageLoadError as exc:
+                uploads.append(_Upload(name, error=exc.reason))
+            decoded += pixels
+        if decoded >= _TRIM_AFTER_PIXELS:
+            release_memory()
+        return uploads
+
+    async def run(self, name: str, items: list[Any]) -> list[Any]:
         try:
-            return await batcher.run(items)
+            return await self.batchers[name].run(items)
         except (QueueFullError, BatcherClosedError) as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from exc
 
+    def close(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.close()
+
+    def model_card(self) -> dict[str, Any]:
+        """The model, the precision it runs at and why (as `resmemnet info` says), and the limits."""
+        model, settings = self.scorer.model, self.settings
+        return {**model.describe(), "metadata": model.metadata, "device": str(self.scorer.device),
+                "precision": self.scorer.precision.name, "precision_reason": self.scorer.precision.reason,
+                "limits": {**asdict(settings), "max_request_bytes": settings.max_request_bytes}}
+
+
+async def _predict(server: _Server, files: list[UploadFile]) -> PredictResponse:
+    uploads = await server.read_uploads(files, server.model_input)
+    good = [i for i, u in enumerate(uploads) if u.item is not None]
+    scored = _scatter(len(uploads), good, await server.run("predict", [uploads[i].item for i in good]))
+    scores = _finite(uploads, [None if x is None else x[0] for x in scored])
+    return PredictResponse(results=[
+        ImageResult(index=i, filename=u.filename, score=s, score_std=None if s is None else x[1], rank=r,
+                    error=u.error)
+        for i, (u, s, x, r) in enumerate(zip(uploads, scores, scored, _ranks(scores), strict=True))])
+
+
+def _encode(e: Explanation | None) -> tuple[bytes | None, bytes | None]:
+    if e is None:
+        return None, None
+    return _png(e.overlay), _png(Image.fromarray(np.round(e.heatmap * 255).astype(np.uint8), mode="L"))
+
+
+async def _explain(server: _Server, files: list[UploadFile], fmt: str) -> Response | ExplainResponse:
+    if fmt == "png" and len(files) != 1:
+        raise HTTPException(422, f"format=png returns one image, but {len(files)} files were uploaded; "
+                                 "upload one file or use format=json")
+    uploads = await server.read_uploads(files, server.explain_input)
+    good = [i for i, u in enumerate(uploads) if u.item is not None]
+    explained = _scatter(len(uploads), good, await server.run("explain", [uploads[i].item for i in good]))
+    scores = _finite(uploads, [e.score if e is not None else None for e in explained])
+    explained = [e if s is not None else None for e, s in zip(explained, scores, strict=True)]
+    pngs = await run_in_threadpool(lambda: [_encode(e) for e in explained])
+    if fmt == "png":  # exactly one file, and read_uploads refused it if unusable
+        if explained[0] is None:  # the model's fault, not the upload's
+            raise HTTPException(500, f"{uploads[0].filename}: {uploads[0].error}; the server's model is broken")
+        return Response(pngs[0][0], media_type="image/png",
+                        headers={"X-Memorability-Score": f"{explained[0].score:.6f}"})
+    return ExplainResponse(results=[
+        ExplainResult(index=i, filename=u.filename, score=s, rank=r, error=u.error,
+                      overlay_png=_b64(overlay), heatmap_png=_b64(heat))
+        for i, (u, s, r, (overlay, heat)) in enumerate(zip(uploads, scores, _ranks(scores), pngs, strict=True))])
+
+
+def _api_routes(app: FastAPI, server: _Server) -> None:
     @app.post("/v1/predict", response_model=PredictResponse, responses=_ERRORS, summary="Score images")
     async def predict_images(files: _Files) -> PredictResponse:
         """Memorability scores in upload order, with ranks. A bad file among good ones gets an error row."""
-        uploads = await read_uploads(files, transform, model_side)
-        good = [i for i, u in enumerate(uploads) if u.item is not None]
-        scored = _scatter(len(uploads), good, await run_batcher(scorer, [uploads[i].item for i in good]))
-        scores = _finite(uploads, [None if x is None else x[0] for x in scored])
-        return PredictResponse(results=[
-            ImageResult(index=i, filename=u.filename, score=s, score_std=None if s is None else x[1], rank=r,
-                        error=u.error)
-            for i, (u, s, x, r) in enumerate(zip(uploads, scores, scored, _ranks(scores), strict=True))])
+        return await _predict(server, files)
 
     @app.post("/v1/explain", response_model=ExplainResponse, responses={
         **_ERRORS, 200: {"content": {"image/png": {}}, "description": "JSON, or with format=png the overlay PNG "
@@ -327,37 +340,16 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
                                                              "of one file")] = "json") -> Response | ExplainResponse:
         """Score and Grad-CAM heatmap overlay per image; regions that raised the score are warm.
 
-        Images are first shrunk to fit `overlay_max_side` pixels, so for large images the score can differ
-        from /v1/predict's (which uses the full image) slightly."""
-        if fmt == "png" and len(files) != 1:
-            raise HTTPException(422, f"format=png returns one image, but {len(files)} files were uploaded; "
-                                     "upload one file or use format=json")
-        uploads = await read_uploads(files, fit, max(settings.overlay_max_side, model_side))
-        good = [i for i, u in enumerate(uploads) if u.item is not None]
-        explained = _scatter(len(uploads), good, await run_batcher(explainer, [uploads[i].item for i in good]))
-        scores = _finite(uploads, [e.score if e is not None else None for e in explained])
-        explained = [e if s is not None else None for e, s in zip(explained, scores, strict=True)]
+        The score is /v1/predict's for the same file; the overlay is drawn at most `overlay_max_side` pixels a side."""
+        return await _explain(server, files, fmt)
 
-        def encode(e: Explanation | None) -> tuple[bytes | None, bytes | None]:
-            if e is None:
-                return None, None
-            return _png(e.overlay), _png(Image.fromarray(np.round(e.heatmap * 255).astype(np.uint8), mode="L"))
-
-        pngs = await run_in_threadpool(lambda: [encode(e) for e in explained])
-        if fmt == "png":  # exactly one file, and read_uploads refused it if unusable
-            if explained[0] is None:  # the model's fault, not the upload's
-                raise HTTPException(500, f"{uploads[0].filename}: {uploads[0].error}; the server's model is broken")
-            return Response(pngs[0][0], media_type="image/png",
-                            headers={"X-Memorability-Score": f"{explained[0].score:.6f}"})
-        return ExplainResponse(results=[
-            ExplainResult(index=i, filename=u.filename, score=s, rank=r, error=u.error,
-                          overlay_png=_b64(overlay), heatmap_png=_b64(heat))
-            for i, (u, s, r, (overlay, heat)) in enumerate(zip(uploads, scores, _ranks(scores), pngs, strict=True))])
-
-    @app.get("/v1/model", summary="The model card: architecture, preprocessing, checkpoint metadata, limits")
+    @app.get("/v1/model", summary="The model card: architecture, preprocessing, checkpoint metadata, precision, limits")
     async def model_card() -> dict[str, Any]:
-        return {**model.describe(), "metadata": model.metadata,
-                "limits": {**asdict(settings), "max_request_bytes": settings.max_request_bytes}}
+        return server.model_card()
+
+
+def _page_routes(app: FastAPI) -> None:
+    static = _static_files()
 
     @app.get("/healthz", summary="Liveness check")
     async def healthz() -> dict[str, str]:
@@ -373,10 +365,51 @@ def create_app(model: ResMemNet, settings: ServeSettings | None = None) -> FastA
             raise HTTPException(404, f"No static file {name!r}; available: {', '.join(_STATIC)}")
         return Response(static[name], media_type=_STATIC[name], headers={"Cache-Control": "no-cache"})
 
+
+async def _server_error(request: Request, _: Exception) -> JSONResponse:
+    # Sent from outside every middleware, so the security headers are added here.
+    return JSONResponse({"detail": "Internal server error; the server log has the details"}, status_code=500,
+                        headers=security_headers(request.url.path))
+
+
+def create_app(model: ResMemNet, settings: ServeSettings | None = None, *, inplace: bool = False) -> FastAPI:
+    """The app for an already-loaded model (tests build a tiny one; the CLI loads a checkpoint).
+
+    The caller's model is left as it is (a copy is scored when it must move to another device), unless
+    `inplace`: the CLI hands over a model it loaded for the server, which may then reorder its weights.
+    """
+    settings = settings or ServeSettings()
+    apply_max_pixels(settings.max_pixels)  # Pillow's own guard too, before any upload's header is read
+    tune_allocator()  # before the first large buffer: they then go back to the system when freed
+    server = _Server(model, settings, inplace=inplace)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        server.close()
+
+    # FastAPIOffline serves Swagger UI from files shipped in its wheel (MIT; Swagger UI itself is Apache-2.0),
+    # so /docs works with no network, where FastAPI's loads it from a CDN. ReDoc is off: it fetches its logo
+    # from its vendor's site.
+    app = FastAPIOffline(title="resmemnet", version=__version__, lifespan=lifespan, redoc_url=None,
+                         description="Predict how memorable an image is, and see which regions drive the score "
+                                     "(ResMem-Net, Grad-CAM). Upload images as the repeatable multipart field "
+                                     "`files`.")
+    app.state.settings = settings
+    app.state.scorer = server.scorer
+    app.state.batchers = server.batchers
+    app.state.pixel_budget = server.budget
+    # Last added runs first: the security headers also cover the limits' own refusals.
+    app.add_middleware(BodyTimeout, seconds=settings.body_timeout_s)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(SecurityHeaders)
+    app.add_exception_handler(Exception, _server_error)
+    _api_routes(app, server)
+    _page_routes(app)
     return app
 
 
 def app_from_env() -> FastAPI:
     """App factory for uvicorn worker processes (`resmemnet serve --workers N`), configured by ENV_CONFIG."""
     config = json.loads(os.environ.get(ENV_CONFIG, "{}"))
-    return create_app(load_model(config.get("checkpoint")), ServeSettings(**config.get("settings", {})))
+    return create_app(load_model(config.get("checkpoint")), ServeSettings(**config.get("settings", {})), inplace=True)

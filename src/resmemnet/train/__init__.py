@@ -1,4 +1,4 @@
-"""Training: the paper's recipe (configs/paper.toml), the bundled models' recipes (configs/resmemnet-lnsim-*.toml),
+"""Training: the paper's recipe (configs/paper.toml), the bundled models' recipes (configs/resmemnet-*.toml),
 a frozen-phase feature cache, DDP and cross-validation.
 
 >>> from resmemnet.train import load_config, load_split, train
@@ -8,10 +8,12 @@ a frozen-phase feature cache, DDP and cross-validation.
 """
 
 from resmemnet.data import load_split
+from resmemnet.evaluate import Evaluation, evaluate
 from resmemnet.train.cache import FeatureCache, build_feature_cache
 from resmemnet.train.config import PhaseConfig, TrainConfig, load_config
 from resmemnet.train.crossval import CrossValResult, run_crossval
-from resmemnet.train.loop import RunResult, TrainingDiverged, TrainState, evaluate, train
+from resmemnet.train.loop import TrainingDiverged, train
+from resmemnet.train.state import RunResult, TrainState
 
-__all__ = ["CrossValResult", "FeatureCache", "PhaseConfig", "RunResult", "TrainConfig", "TrainState",
+__all__ = ["CrossValResult", "Evaluation", "FeatureCache", "PhaseConfig", "RunResult", "TrainConfig", "TrainState",
            "TrainingDiverged", "build_feature_cache", "evaluate", "load_config", "load_split", "run_crossval", "train"]

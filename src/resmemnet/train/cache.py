@@ -1,7 +1,9 @@
 """Frozen-phase feature cache: each image's pooled taps computed once, memory-mapped from disk.
 
 While the backbone is frozen its output never changes, so the head can train from
-`model.pool_taps(image)` stored once per image instead of re-running the CNN every epoch.
+`model.pool_taps(image)` stored once per image instead of re-running the CNN every epoch. The rows
+come from the inference core's scorer (`TorchScorer.pool`), the pass every score goes through, under
+the run's device and precision; images are decoded as the training pipeline decodes them.
 
 A partly trained trunk (`start` > 0: the blocks before tap `start` frozen) caches instead each image's
 `model.trunk_rows`: the frozen taps pooled plus the last frozen block's output map, so training runs
@@ -38,8 +40,9 @@ from tqdm.auto import tqdm
 from resmemnet.checkpoint import weights_digest
 from resmemnet.data.base import ImageScoreDataset
 from resmemnet.data.decoded import DecodedImages, collate_decoded
+from resmemnet.inference import TorchScorer
 from resmemnet.model.resmemnet import ResMemNet
-from resmemnet.runtime import PrecisionChoice, autocast
+from resmemnet.runtime import PrecisionChoice
 
 __all__ = ["CachedRows", "FeatureCache", "build_feature_cache", "cache_key"]
 
@@ -162,10 +165,10 @@ def build_feature_cache(model: ResMemNet, dataset: ImageScoreDataset, cache_dir:
 
 def _build(model: ResMemNet, dataset: ImageScoreDataset, final: Path, *, views: int, dtype: str, batch_size: int,
            workers: int, device: torch.device, precision: PrecisionChoice | None, progress: bool, start: int) -> None:
+    # The training loop's own layout (no channels_last), so cached rows are what an uncached frozen pass computes.
+    scorer = TorchScorer(model, device=device, precision=(precision or FP32).name, channels_last=False)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        was_training = model.training
-        model.eval()
         loader = DataLoader(DecodedImages(dataset.paths, model.preprocessing.transforms()), batch_size=batch_size,
                             num_workers=workers, collate_fn=collate_decoded)
         valid = np.zeros(len(dataset), dtype=bool)
@@ -176,18 +179,15 @@ def _build(model: ResMemNet, dataset: ImageScoreDataset, final: Path, *, views: 
             if batch.images is None:
                 continue
             idx = batch.indices
-            images = batch.images.to(device)
             for view in range(views):
-                x = images.flip(-1) if view else images
-                with autocast(device, precision or FP32):
-                    rows = model.trunk_rows(x, start) if start else model.pool_taps(x)
-                    pooled = rows.float().cpu().numpy()
+                x = batch.images.flip(-1) if view else batch.images
+                rows = scorer.apply(lambda b: scorer.model.trunk_rows(b, start), x) if start else scorer.pool(x)
+                pooled = rows.float().cpu().numpy()
                 if feats is None:
                     feats = np.lib.format.open_memmap(tmp / "features.npy", mode="w+", dtype=dtype,
                                                       shape=(views, len(dataset), pooled.shape[1]))
                 feats[view, idx.numpy()] = pooled
             valid[idx.numpy()] = True
-        model.train(was_training)
         if feats is None:
             raise ValueError(f"No image of {len(dataset)} could be loaded for the feature cache: {errors[:3]}")
         feats.flush()

@@ -25,7 +25,9 @@ from resmemnet.data.base import Split
 from resmemnet.fileio import atomic_write
 from resmemnet.report import markdown_table
 from resmemnet.train.config import TrainConfig
-from resmemnet.train.loop import RESUME_FILE, RunResult, as_stored, config_changes, read_log, record_test, train
+from resmemnet.train.finish import as_stored, record_test
+from resmemnet.train.loop import train
+from resmemnet.train.state import RESUME_FILE, RunResult, config_changes, read_log
 
 __all__ = ["CANDIDATES_DIR", "choose_candidate"]
 

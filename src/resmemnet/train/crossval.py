@@ -24,7 +24,8 @@ from resmemnet.model.resmemnet import create_model
 from resmemnet.runtime import choose_precision, resolve_device
 from resmemnet.train.cache import build_feature_cache
 from resmemnet.train.config import TrainConfig
-from resmemnet.train.loop import model_preprocessing, train
+from resmemnet.train.data import model_preprocessing
+from resmemnet.train.loop import train
 
 __all__ = ["METHODS", "CrossValResult", "ridge_baseline", "run_crossval"]
 

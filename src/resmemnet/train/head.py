@@ -1,4 +1,5 @@
-"""Head-training options that end folded into the weights: input standardisation and output calibration.
+"""Head training: the module a training step runs, and the options that end folded into the weights (input
+standardisation and output calibration).
 
 Both leave a plain ResMemNet behind, so a checkpoint needs nothing but itself to score raw images:
 
@@ -22,9 +23,10 @@ from torch import nn
 
 from resmemnet.model.heads import LinearEnsemble
 from resmemnet.model.resmemnet import ResMemNet
+from resmemnet.runtime import PrecisionChoice, autocast
 from resmemnet.train.cache import CachedRows
 
-__all__ = ["Standardiser", "calibrate", "folded"]
+__all__ = ["Standardiser", "TrainingNet", "calibrate", "folded"]
 
 STD_FLOOR = 1e-3  # added to every feature's std: constant taps (e.g. after a ReLU) must not divide by ~0
 
@@ -112,3 +114,30 @@ def calibrate(model: ResMemNet, predictions: np.ndarray, targets: np.ndarray) ->
             fc.bias.mul_(slope).add_(intercept)
     return {"method": "sigmoid(a * logit + c) fitted on the validation images, folded into the head's read-outs",
             "slope": slope, "intercept": intercept, "images": int(target.numel())}
+
+
+class TrainingNet(nn.Module):
+    """What a training step runs: the backbone under autocast, the head in float32 (it is cheap, and a bf16
+    LSTM/sigmoid output has too few distinct values to rank images). One module, so DDP wraps the cached and
+    uncached paths alike. Cached inputs are standardised first when the run standardises; cached trunk rows
+    (`trunk_start` > 0) run the trunk's blocks from that tap on."""
+
+    def __init__(self, model: ResMemNet, precision: PrecisionChoice, pooled_inputs: bool,
+                 standardiser: Standardiser | None, trunk_start: int = 0):
+        super().__init__()
+        self.model = model
+        self.precision = precision
+        self.pooled_inputs = pooled_inputs
+        self.standardiser = standardiser
+        self.trunk_start = trunk_start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.trunk_start:
+            with autocast(x.device, self.precision):
+                x = self.model.pool_rows(x, self.trunk_start)
+        elif not self.pooled_inputs:
+            with autocast(x.device, self.precision):
+                x = self.model.pool_taps(x)
+        elif self.standardiser is not None:
+            x = self.standardiser(x)
+        return self.model.forward_pooled(x.float())

@@ -1,10 +1,10 @@
 """The training loop, read top to bottom: `train` = `_setup`, then `_train_phase` per phase, then `_finish`.
 
 Each epoch ends with a whole-validation-set Spearman rho (model selection), a log row (CSV and
-TensorBoard) and the `last` / `best` checkpoints. The resume file holds the weights, the optimizer,
-the scheduler and a `TrainState` (position, best-so-far), replaced atomically every `save_every`
-steps and at every epoch end, so kill -9 at any moment loses at most the steps since the last save
-and `resume=True` ends exactly where an uninterrupted run would.
+TensorBoard), the `last` / `best` checkpoints and the resume state (resmemnet.train.state), which
+is also saved every `save_every` steps, so `resume=True` ends exactly where an uninterrupted run
+would. Data preparation and the feature caches are resmemnet.train.data's; calibrating, storing and
+testing the best checkpoint are resmemnet.train.finish's.
 
 Determinism: the model is built after seeding; the data order is DistributedSampler's (seed,
 epoch) permutation; flips are a hash of (seed, epoch, image); and the RNG (dropout) is reseeded from
@@ -18,309 +18,72 @@ written (`last`/`best`, the resume state) hold the last finite weights.
 from __future__ import annotations
 
 import contextlib
-import csv
-import dataclasses
-import json
 import math
-import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 from tqdm.auto import tqdm
 
-from resmemnet.checkpoint import atomic_save_file, load_checkpoint, read_metadata, save_checkpoint
-from resmemnet.data.base import ImageScoreDataset, Split
-from resmemnet.data.decoded import DecodedImages, collate_decoded
-from resmemnet.fileio import atomic_write
-from resmemnet.inference import TorchScorer, score_paths
-from resmemnet.metrics import regression_metrics
+from resmemnet.checkpoint import save_checkpoint
+from resmemnet.data.base import Split
 from resmemnet.model.heads import POOLED_HEADS
-from resmemnet.model.preprocessing import Preprocessing
 from resmemnet.model.resmemnet import ResMemNet, create_model
 from resmemnet.model.weights import get_weights
-from resmemnet.runtime import PrecisionChoice, autocast, choose_precision, resolve_device
-from resmemnet.train.cache import CachedRows, build_feature_cache
+from resmemnet.runtime import PrecisionChoice, choose_precision, resolve_device
 from resmemnet.train.config import TrainConfig
-from resmemnet.train.data import flip_for, validation_indices
+from resmemnet.train.data import (
+    TrainData,
+    batches,
+    epoch_batches,
+    flip_for,
+    model_preprocessing,
+    prepare_data,
+    training_metadata,
+)
 from resmemnet.train.ddp import Distributed, init_distributed
-from resmemnet.train.head import Standardiser, calibrate, folded
+from resmemnet.train.finish import cached_test, evaluate_run, record_test, store_best
+from resmemnet.train.head import TrainingNet, folded
 from resmemnet.train.optim import CostAugmentedAdam
 from resmemnet.train.ridge import fit_linear_ensemble
 from resmemnet.train.schedule import epoch_cycle
-from resmemnet.train.targets import (
-    distil_images,
-    distil_rows,
-    mean_targets,
-    subject_split_test,
-    tap_column,
-    teacher_targets,
+from resmemnet.train.state import (
+    RESUME_FILE,
+    RunResult,
+    Saved,
+    TrainState,
+    append_log,
+    read_resume,
+    start_logs,
+    write_resume,
+    write_summary,
 )
-from resmemnet.train.teacher import teacher_scores
 
-__all__ = ["RESUME_FILE", "RunResult", "TrainState", "TrainingDiverged", "as_stored", "config_changes",
-           "evaluate", "model_preprocessing", "predict_rows", "read_log", "record_test", "train"]
-
-RESUME_FILE = "resume.safetensors"
-_RESUME_KEY = "resmemnet_resume"
-LOG_FIELDS = ("epoch", "phase", "frozen", "cached", "lr_min", "lr_max", "lr_last", "train_loss", "val_spearman",
-              "val_mse", "seconds", "images_per_s")
-_RESUME_MAY_CHANGE = ("progress", "workers", "device")  # settings that do not change the result
+__all__ = ["TrainingDiverged", "train"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss, a gradient or a weight stopped being finite; the files on disk keep the last finite state."""
 
 
-@dataclass
-class TrainState:
-    """Where a run stands; saved in the resume file, so a resumed run continues from exactly here."""
-
-    phase: int = 0  # index into config.phases
-    epoch: int = 0  # epoch within the phase
-    step: int = 0  # batch within the epoch
-    global_step: int = 0
-    best_val_spearman: float = -math.inf
-    best_epoch: int = 0  # 1-based over all phases; 0 = none yet
-    stale_epochs: int = 0  # epochs without a better validation rho, within the phase (early stopping)
-    loss_sum: float = 0.0  # this epoch's summed per-image loss so far
-    loss_count: int = 0
-    log_rows: int = 0  # rows of log.csv that belong to this state
-    optimizer_phase: int = -1  # the phase whose optimizer state the resume file holds
-    bad_images: list[str] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, text: str) -> TrainState:
-        return cls(**json.loads(text))
-
-
-@dataclass
-class RunResult:
-    """What a run produced; `test` holds the best checkpoint's metrics on the split's test set."""
-
-    run_dir: Path
-    best_checkpoint: Path
-    last_checkpoint: Path
-    best_epoch: int
-    best_val_spearman: float
-    test: dict[str, Any]
-    history: list[dict[str, Any]] = field(default_factory=list)
-    bad_images: list[str] = field(default_factory=list)
-    chosen_candidate: str = ""  # with candidates: the one kept (see <run_dir>/candidates.md)
-
-
-def model_preprocessing(config: TrainConfig) -> Preprocessing:
-    """The trunk weights' own normalisation (e.g. resmem trunks take [0, 1] inputs) at `image_size` (and `crop`)."""
-    weights = config.model.backbone_weights
-    base = get_weights(weights).preprocessing if weights else Preprocessing()
-    return replace(base, resize=(config.image_size, config.image_size),
-                   crop=(config.crop, config.crop) if config.crop else None)
-
-
-class _Net(nn.Module):
-    """Backbone under autocast, head in float32: the head is cheap, and a bf16 LSTM/sigmoid output has
-    too few distinct values to rank images. One module, so DDP wraps the cached and uncached paths alike.
-    Cached inputs are standardised first when the run standardises; cached trunk rows (`trunk_start` > 0)
-    run the trunk's blocks from that tap on."""
-
-    def __init__(self, model: ResMemNet, precision: PrecisionChoice, pooled_inputs: bool,
-                 standardiser: Standardiser | None, trunk_start: int = 0):
-        super().__init__()
-        self.model = model
-        self.precision = precision
-        self.pooled_inputs = pooled_inputs
-        self.standardiser = standardiser
-        self.trunk_start = trunk_start
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trunk_start:
-            with autocast(x.device, self.precision):
-                x = self.model.pool_rows(x, self.trunk_start)
-        elif not self.pooled_inputs:
-            with autocast(x.device, self.precision):
-                x = self.model.pool_taps(x)
-        elif self.standardiser is not None:
-            x = self.standardiser(x)
-        return self.model.forward_pooled(x.float())
-
-
-def _batches(order: list[int], batch_size: int) -> list[list[int]]:
-    """Full batches only (a trailing batch of one breaks BatchNorm in training), at least one batch."""
-    full = [order[i:i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
-    return full or [order]
-
-
 def _step_seed(seed: int, step: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1024 + rank) % (2**63)
-
-
-# ---------------------------------------------------------------- batches: from images or from the cache
-def _image_batches(dataset: ImageScoreDataset, targets: np.ndarray, transform: Any, batches: list[list[int]],
-                   flip: Any, workers: int, pin: bool) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str]]]:
-    loader = DataLoader(DecodedImages(dataset.paths, transform, flip=flip), batch_sampler=batches,
-                        num_workers=workers, collate_fn=collate_decoded, pin_memory=pin)
-    for batch in loader:
-        errors = [f"{item.path}: {item.error}" for item in batch.failed]
-        yield batch.images, torch.from_numpy(targets[batch.indices.numpy()]), errors
-
-
-def _cached_batches(rows: CachedRows, targets: np.ndarray, batches: list[list[int]], flip: Any
-                    ) -> Iterator[tuple[torch.Tensor | None, torch.Tensor, list[str]]]:
-    for batch in batches:
-        idx = np.asarray(batch)[rows.valid[batch]]
-        views = [flip(int(i)) for i in idx] if flip is not None else 0
-        yield (rows.take(idx, views) if idx.size else None), torch.from_numpy(targets[idx]), []
-
-
-@torch.inference_mode()
-def predict_rows(model: ResMemNet, data: ImageScoreDataset | CachedRows, *, batch_size: int = 64, workers: int = 0,
-                 device: torch.device | str = "cpu", precision: str = "fp32",
-                 standardiser: Standardiser | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(scores, positions scored, errors) over a dataset or cached rows, through the inference core."""
-    scorer = TorchScorer(model, device=device, precision=precision, channels_last=False)
-    if isinstance(data, CachedRows):
-        idx = np.flatnonzero(data.valid)
-        parts = []
-        for start in range(0, idx.size, batch_size):
-            pooled = data.take(idx[start:start + batch_size])
-            parts.append(scorer.score_pooled(standardiser(pooled) if standardiser is not None else pooled))
-        return (np.concatenate(parts) if parts else np.zeros(0, np.float32)), idx, list(data.errors)
-    scores, positions, errors = [], [], []
-    offset = 0
-    for rows in score_paths(data.paths, scorer, batch_size=batch_size, workers=workers):
-        for k, row in enumerate(rows):
-            if row.score is None:
-                errors.append(f"{row.path}: {row.error}")
-            else:
-                scores.append(row.score)
-                positions.append(offset + k)
-        offset += len(rows)
-    return np.asarray(scores, np.float32), np.asarray(positions, np.int64), errors
-
-
-def evaluate(model: ResMemNet, data: ImageScoreDataset | CachedRows, scores: np.ndarray, *, batch_size: int = 64,
-             workers: int = 0, device: torch.device | str = "cpu", precision: str = "fp32",
-             standardiser: Standardiser | None = None) -> tuple[dict[str, float], list[str]]:
-    """Metrics over the whole set (never averaged over batches) and the images that failed to load."""
-    pred, idx, errors = predict_rows(model, data, batch_size=batch_size, workers=workers, device=device,
-                                     precision=precision, standardiser=standardiser)
-    if not idx.size:
-        raise ValueError(f"No image of {len(scores)} could be scored: {errors[:3]}")
-    return regression_metrics(pred, scores[idx]), errors
-
-
-# ---------------------------------------------------------------- resume state: safetensors + JSON, atomic
-def _write_resume(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
-                  state: TrainState, *, backbone: bool) -> None:
-    """Tensors (weights, Adam moments) as safetensors; the TrainState and the rest as JSON in the same file.
-
-    `backbone=False` leaves the backbone out: frozen in every phase, it never changes and is rebuilt with the model.
-    """
-    tensors = {f"model.{k}": v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()
-               if backbone or not k.startswith("backbone.")}
-    opt = optimizer.state_dict()
-    opt_json: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
-    for pid, param_state in opt["state"].items():
-        for name, value in param_state.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{pid}.{name}"] = value.detach().cpu().clone().contiguous()
-            else:
-                opt_json["state"].setdefault(str(pid), {})[name] = value
-    meta = {"state": json.loads(state.to_json()), "optimizer": opt_json, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict()}
-    atomic_save_file(tensors, path, {_RESUME_KEY: json.dumps(meta)})
-
-
-@dataclass
-class _Saved:
-    """A resume file, read back."""
-
-    state: TrainState
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any]
-    scaler: dict[str, Any]
-
-
-def _read_resume(path: Path) -> _Saved:
-    with safe_open(path, framework="pt") as f:
-        meta = json.loads((f.metadata() or {})[_RESUME_KEY])
-    tensors = load_file(path)
-    opt_state: dict[int, dict[str, Any]] = {int(pid): dict(s) for pid, s in meta["optimizer"]["state"].items()}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = value
-    return _Saved(state=TrainState(**meta["state"]),
-                  model={k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")},
-                  optimizer={"state": opt_state, "param_groups": meta["optimizer"]["param_groups"]},
-                  scheduler=meta["scheduler"], scaler=meta["scaler"])
-
-
-def config_changes(old: dict[str, Any], config: TrainConfig) -> list[str]:
-    """The keys whose values differ between a run's saved config and `config`, besides harmless ones.
-    A key the saved config lacks (an option added since) counts as its default."""
-    new, defaults = config.to_dict(), TrainConfig().to_dict()
-    return sorted(k for k in set(old) | set(new)
-                  if k not in _RESUME_MAY_CHANGE and old.get(k, defaults.get(k)) != new.get(k))
-
-
-def _check_resumable(saved: _Saved, config: TrainConfig, path: Path) -> None:
-    changed = config_changes(saved.state.config, config)
-    if changed:
-        raise ValueError(f"Cannot resume {path}: the config differs in {changed}. Resume with the same config, "
-                         "or start a new run in another output folder.")
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """A run's log.csv, its rows back to the values they were written from."""
-    with open(path, newline="") as f:
-        return [{k: v == "True" if v in ("True", "False") else (int(v) if k in ("epoch", "phase") else float(v))
-                 for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def _json_safe(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str))
 
 
 def _finite_weights(model: nn.Module) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
-# ---------------------------------------------------------------- the run's fixed parts
-@dataclass
-class _Data:
-    """What the phases train and validate on: a dataset for image phases, cached rows for frozen ones."""
-
-    train: ImageScoreDataset
-    val: ImageScoreDataset
-    train_targets: np.ndarray  # float32, one per train image (extra distillation rows come after them)
-    val_targets: np.ndarray
-    cached_train: CachedRows | None = None  # train images (+ distillation rows), views as the augmentation needs
-    cached_val: CachedRows | None = None
-    standardiser: Standardiser | None = None
-    cached_gate: CachedRows | None = None  # photos unlike the train images, for a gated head's gate
-    cached_rows: CachedRows | None = None  # trunk rows of the train rows, for trained phases (frozen_until)
-    trunk_start: int = 0  # the first tap those phases run (0: no trunk rows)
-
-
+# ---------------------------------------------------------------- setup: the run's fixed parts
 @dataclass
 class _Run:
     config: TrainConfig
@@ -332,17 +95,13 @@ class _Run:
     scaler: torch.amp.GradScaler
     model: ResMemNet
     with_backbone: bool  # False: checkpoints hold only what trains (the trunk comes from its offline source)
-    data: _Data
+    data: TrainData
     state: TrainState
-    saved: _Saved | None
+    saved: Saved | None
     sampler: DistributedSampler
     batches_per_epoch: int
     history: list[dict[str, Any]]
     writer: Any  # TensorBoard SummaryWriter on rank 0
-
-    @property
-    def resume_path(self) -> Path:
-        return self.output / RESUME_FILE
 
     def checkpoint(self, name: str, metadata: dict[str, Any]) -> Path:
         """Save the model as the user will load it (standardisation folded into the projections)."""
@@ -350,95 +109,17 @@ class _Run:
             return save_checkpoint(self.model, self.output / name, metadata=metadata,
                                    include_backbone=self.with_backbone)
 
+    def log(self, row: dict[str, Any]) -> None:
+        """A row of log.csv, also in the history and in TensorBoard."""
+        self.history.append(row)
+        append_log(self.output / "log.csv", row)
+        for key in ("train_loss", "val_spearman", "val_mse", "lr_last", "images_per_s"):
+            self.writer.add_scalar(key, row[key], row["epoch"])
+        self.writer.flush()
 
-def _cache_dir(config: TrainConfig, output: Path) -> Path:
-    return Path(config.cache_dir).expanduser() if config.cache_dir else output / "feature_cache"
-
-
-def _prepare_data(config: TrainConfig, split: Split, model: ResMemNet, output: Path, device: torch.device,
-                  precision: PrecisionChoice, dist: Distributed) -> tuple[Split, _Data]:
-    """Carve validation, pick the targets (a teacher's, when the config names one), and fill the feature caches:
-    pooled taps for frozen phases, trunk rows for trained phases that start after `frozen_until`.
-
-    The cache is built over the split's own parts (train before carving, val if shipped, test), so a
-    different validation carve or target reuses it; every rank waits on the same file lock.
-    """
-    full_train = split.train
-    train_targets = mean_targets(split.info, full_train.paths) if config.target == "mean" else full_train.scores
-    if split.val is None:
-        kept, held_out = validation_indices(len(full_train), config.val_fraction, config.seed)
-        val_ds = ImageScoreDataset([full_train.paths[i] for i in held_out], train_targets[held_out])
-        info = {**split.info, "val_carved_fraction": config.val_fraction, "val_carve_seed": config.seed}
-    else:
-        kept, held_out = np.arange(len(full_train)), None
-        val_targets = mean_targets(split.info, split.val.paths) if config.target == "mean" else split.val.scores
-        val_ds = ImageScoreDataset(split.val.paths, val_targets)
-        info = split.info
-    train_ds = ImageScoreDataset([full_train.paths[i] for i in kept], train_targets[kept])
-    split = Split(train=train_ds, test=split.test, val=val_ds, info=info)
-    data = _Data(train_ds, val_ds, train_ds.scores.astype(np.float32), val_ds.scores.astype(np.float32))
-    kwargs = {"dtype": config.cache_dtype, "batch_size": 2 * config.batch_size, "workers": config.workers,
-              "device": device, "precision": precision, "progress": config.progress and dist.is_main}
-    cache_dir = _cache_dir(config, output)
-    views = 2 if config.augment == "hflip" else 1
-    frozen_cached = config.cache_features and any(p.frozen for p in config.phases)
-    if config.teacher:
-        data = _teacher_data(config, data, cache_dir / "teacher", precision, dist)
-        if frozen_cached:
-            data.cached_train = CachedRows.of(build_feature_cache(model, data.train, cache_dir, views=views, **kwargs))
-            data.cached_val = CachedRows.of(build_feature_cache(model, data.val, cache_dir, **kwargs))
-    if config.frozen_until and not config.frozen_throughout:
-        data.trunk_start = model.backbone.stage_end(config.frozen_until)
-        data.cached_rows = CachedRows.of(build_feature_cache(model, data.train, cache_dir, views=views,
-                                                             start=data.trunk_start, **kwargs))
-    if config.teacher or not frozen_cached:
-        return split, data
-
-    train_cache = build_feature_cache(model, full_train, cache_dir, views=views, **kwargs)
-    data.cached_train = CachedRows.of(train_cache, kept)
-    data.cached_val = (CachedRows.of(train_cache, held_out) if held_out is not None else
-                       CachedRows.of(build_feature_cache(model, val_ds, cache_dir, **kwargs)))
-    human = data.train_targets  # distillation targets are matched to the human scores' scale
-    extras: list[tuple[CachedRows, np.ndarray]] = []
-    if config.distil_csv:
-        extra, extra_targets = distil_rows(config.distil_csv, human)
-        extras.append((CachedRows.of(build_feature_cache(model, extra, cache_dir, views=views, **kwargs)),
-                       extra_targets))
-    def photo_rows(folders: Sequence[str], stride: int, option: str, views: int = 1) -> CachedRows:
-        """Cached taps of every `stride`-th unlabelled photo in `folders` (`option` names them in errors)."""
-        paths = distil_images(folders, stride, option)
-        photos = ImageScoreDataset(paths, np.zeros(len(paths), np.float32))
-        return CachedRows.of(build_feature_cache(model, photos, cache_dir, views=views, **kwargs))
-
-    if config.distil_dirs:
-        rows = photo_rows(config.distil_dirs, config.distil_stride, "distil_dirs", views)
-        extras.append((rows, teacher_targets(rows, tap_column(model, config.distil_tap), human)))
-    if config.gate_dirs:
-        data.cached_gate = photo_rows(config.gate_dirs, config.gate_stride, "gate_dirs")
-    for rows, extra_targets in extras:
-        data.cached_train = data.cached_train.plus(rows)
-        data.train_targets = np.concatenate([data.train_targets, extra_targets]).astype(np.float32)
-    if config.standardise:
-        data.standardiser = Standardiser.fit(data.cached_train)
-    return split, data
-
-
-def _teacher_data(config: TrainConfig, data: _Data, cache_dir: Path, precision: PrecisionChoice,
-                  dist: Distributed) -> _Data:
-    """Train rows with the teacher's targets: each train image's blended with its human score, then the
-    distil_dirs photos with the teacher's own. Photos the teacher could not read are left out."""
-    if dist.enabled and not dist.is_main:
-        raise ValueError("a teacher's scores are computed in one process: run the command once without "
-                         "torchrun (its cache is reused), then under torchrun")
-    photos = distil_images(config.distil_dirs, config.distil_stride) if config.distil_dirs else []
-    paths = [str(p) for p in data.train.paths] + photos
-    scores = teacher_scores(config.teacher, paths, cache_dir, precision=precision.name, workers=config.workers,
-                            progress=config.progress)
-    n = len(data.train)
-    scores[:n] = config.human_weight * data.train_targets + (1 - config.human_weight) * scores[:n]
-    keep = np.flatnonzero(np.isfinite(scores))
-    train = ImageScoreDataset([paths[i] for i in keep], scores[keep])
-    return replace(data, train=train, train_targets=train.scores.astype(np.float32))
+    def save_resume(self, optimizer: torch.optim.Optimizer, scheduler: Any) -> None:
+        write_resume(self.output / RESUME_FILE, self.model, optimizer, scheduler, self.scaler, self.state,
+                     backbone=not self.config.frozen_throughout)
 
 
 def _setup(config: TrainConfig, split: Split, output: Path, resume: bool, metadata: dict[str, Any]) -> _Run:
@@ -450,59 +131,29 @@ def _setup(config: TrainConfig, split: Split, output: Path, resume: bool, metada
     scaler = torch.amp.GradScaler(device.type, enabled=precision.name == "fp16")
     saved = None
     if resume and (output / RESUME_FILE).is_file():
-        saved = _read_resume(output / RESUME_FILE)
-        _check_resumable(saved, config, output / RESUME_FILE)
+        saved = read_resume(output / RESUME_FILE, config)
     elif not resume and (output / RESUME_FILE).exists():
         raise ValueError(f"{output} already holds a run; pass --resume to continue it, or choose a new output folder")
 
-    preprocessing = model_preprocessing(config)
     torch.manual_seed(config.seed)
-    model = create_model(config.model, preprocessing=preprocessing).to(device)
+    model = create_model(config.model, preprocessing=model_preprocessing(config)).to(device)
     if config.channels_last:  # the convolutions only: the head's weights run fastest as they are
         model.backbone.to(memory_format=torch.channels_last)
-    split, data = _prepare_data(config, split, model, output, device, precision, dist)
+    split, data = prepare_data(config, split, model, output, device, precision, dist)
     if saved:
         model.load_state_dict(saved.model, strict=not config.frozen_throughout)
-    targets = "every participant's mean score" if config.target == "mean" else "the split's training scores"
-    training_data = (f"{split.info.get('dataset', 'dataset')} split {split.info.get('split', 0)} (seed "
-                     f"{split.info.get('seed', config.seed)}): {len(data.train_targets)} training rows "
-                     f"({len(split.train)} train images"
-                     f"{', plus distillation rows' if config.distil_csv or config.distil_dirs else ''}), "
-                     f"{len(split.val)} validation images; targets: {targets}")
-    model.metadata.update(train_config=config.to_dict(), split=_json_safe(split.info), training_data=training_data,
-                          **metadata)
-    offline = False
-    if config.model.backbone_weights:  # a model inherits its trunk weights' licence (resmem: non-commercial)
-        weights = get_weights(config.model.backbone_weights)
-        model.metadata["licence"] = weights.meta["licence"]
-        offline = bool(weights.meta["offline"])
-    if config.name:
-        model.metadata["name"] = config.name
+    model.metadata.update(training_metadata(config, split, data, metadata))
     sampler = DistributedSampler(range(len(data.train_targets)), num_replicas=dist.world_size, rank=dist.rank,
                                  shuffle=True, seed=config.seed)
     state = saved.state if saved else TrainState(config=config.to_dict())
 
-    # The run starts cleanly: only now config.json and the logs are written (rank 0).
-    history: list[dict[str, Any]] = []
-    writer = None
-    if dist.is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        with atomic_write(output / "config.json") as f:
-            f.write(config.to_json())
-        log_path = output / "log.csv"
-        if log_path.is_file():  # rows beyond the resume point are dropped; TensorBoard purges them too
-            history = read_log(log_path)[:state.log_rows]
-        with open(log_path, "w", newline="") as f:
-            csv.DictWriter(f, LOG_FIELDS).writeheader()
-            csv.DictWriter(f, LOG_FIELDS).writerows(history)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(output / "tensorboard"), purge_step=state.log_rows + 1)
+    history, writer = start_logs(output, config, state) if dist.is_main else ([], None)  # the run starts cleanly
     # A backbone that never trains and comes from a named offline source is rebuilt at load time:
     # checkpoints then hold only the head (a few MB instead of a ResNet-152's 240).
-    return _Run(config, split, output, dist, device, precision, scaler, model,
-                with_backbone=not (offline and config.frozen_throughout), data=data, state=state, saved=saved,
-                sampler=sampler, batches_per_epoch=len(_batches(list(range(len(sampler))), config.batch_size)),
+    trunk = config.model.backbone_weights
+    with_backbone = not (config.frozen_throughout and trunk and get_weights(trunk).meta["offline"])
+    return _Run(config, split, output, dist, device, precision, scaler, model, with_backbone, data, state, saved,
+                sampler=sampler, batches_per_epoch=len(batches(list(range(len(sampler))), config.batch_size)),
                 history=history, writer=writer)
 
 
@@ -532,8 +183,8 @@ def _train_phase(run: _Run, phase_idx: int, epoch_offset: int) -> None:
         optimizer.load_state_dict(run.saved.optimizer)
         scheduler.load_state_dict(run.saved.scheduler)
         run.scaler.load_state_dict(run.saved.scaler)
-    net: nn.Module = _Net(model, run.precision, pooled_inputs=cached, standardiser=run.data.standardiser,
-                          trunk_start=trunk_start)
+    net: nn.Module = TrainingNet(model, run.precision, pooled_inputs=cached, standardiser=run.data.standardiser,
+                                 trunk_start=trunk_start)
     if dist.enabled:
         net = DistributedDataParallel(net, device_ids=[run.device.index] if run.device.type == "cuda" else None,
                                       broadcast_buffers=not phase.frozen)
@@ -567,18 +218,14 @@ def _train_epoch(run: _Run, net: nn.Module, optimizer: CostAugmentedAdam, schedu
     """One pass over the training batches; returns (seconds, images seen by this rank)."""
     config, state, dist, data = run.config, run.state, run.dist, run.data
     run.sampler.set_epoch(global_epoch)
-    batches = _batches(list(run.sampler), config.batch_size)
+    steps = batches(list(run.sampler), config.batch_size)
     start = state.step if (phase_idx, epoch) == (state.phase, state.epoch) else 0
     if start == 0:
         state.loss_sum, state.loss_count = 0.0, 0
     flip = partial(flip_for, config.seed, global_epoch) if config.augment == "hflip" else None
-    if cached or trunk_start:
-        rows = data.cached_train if cached else data.cached_rows
-        source = _cached_batches(rows, data.train_targets, batches[start:], flip)
-    else:
-        source = _image_batches(data.train, data.train_targets, run.model.preprocessing.transforms(), batches[start:],
-                                flip, config.workers, run.device.type == "cuda")
-    bar = tqdm(total=len(batches), initial=start, disable=not (config.progress and dist.is_main),
+    source = epoch_batches(data, steps[start:], flip, "cached" if cached else "rows" if trunk_start else "images",
+                           run.model.preprocessing.transforms(), config.workers, pin=run.device.type == "cuda")
+    bar = tqdm(total=len(steps), initial=start, disable=not (config.progress and dist.is_main),
                desc=f"epoch {global_epoch + 1}/{config.total_epochs} "
                     f"({'cached' if cached else 'trunk rows' if trunk_start else 'images'})",
                unit="batch", leave=False)
@@ -616,8 +263,7 @@ def _train_epoch(run: _Run, net: nn.Module, optimizer: CostAugmentedAdam, schedu
         if dist.is_main and state.global_step % config.save_every == 0:
             if not _finite_weights(run.model):
                 raise _diverged(run, f"a weight is not finite after epoch {global_epoch + 1}, step {step + 1}")
-            _write_resume(run.resume_path, run.model, optimizer, scheduler, run.scaler, state,
-                          backbone=not config.frozen_throughout)
+            run.save_resume(optimizer, scheduler)
     bar.close()
     return time.perf_counter() - t0, images_seen
 
@@ -639,9 +285,8 @@ def _end_epoch(run: _Run, phase_idx: int, epoch: int, global_epoch: int, cached:
         raise _diverged(run, f"a weight is not finite at the end of epoch {global_epoch + 1}")
     val = None
     if dist.is_main:
-        val, _ = evaluate(run.model, data.cached_val if cached else data.val, data.val_targets,
-                          batch_size=2 * config.batch_size, workers=config.workers, device=run.device,
-                          precision=run.precision.name, standardiser=data.standardiser if cached else None)
+        val = evaluate_run(run.model, data.cached_val if cached else data.val, data.val_targets, config, run.device,
+                           run.precision, data.standardiser if cached else None).metrics
     val = dist.broadcast(val)
     rho = val["spearman"]
     # The first epoch always gives a `best` checkpoint, even if its rho is undefined (constant predictions).
@@ -661,18 +306,12 @@ def _end_epoch(run: _Run, phase_idx: int, epoch: int, global_epoch: int, cached:
     state.epoch = 0 if last_epoch_of_phase else epoch + 1
     state.step, state.log_rows = 0, state.log_rows + 1
     if dist.is_main:
-        run.history.append(row)
-        with open(run.output / "log.csv", "a", newline="") as f:
-            csv.DictWriter(f, LOG_FIELDS).writerow(row)
-        for key in ("train_loss", "val_spearman", "val_mse", "lr_last", "images_per_s"):
-            run.writer.add_scalar(key, row[key], global_epoch + 1)
-        run.writer.flush()
+        run.log(row)
         meta = {"epoch": global_epoch + 1, "phase": phase_idx + 1, "val_spearman": rho}
         run.checkpoint("last.safetensors", meta)
         if improved:
             run.checkpoint("best.safetensors", meta)
-        _write_resume(run.resume_path, run.model, optimizer, scheduler, run.scaler, state,
-                      backbone=not config.frozen_throughout)
+        run.save_resume(optimizer, scheduler)
         tqdm.write(f"epoch {global_epoch + 1}: loss {row['train_loss']:.5f}  val rho {rho:.4f}"
                    f"{'  (best)' if improved else ''}", file=sys.stderr)
     return stop
@@ -693,15 +332,12 @@ def _fit_closed_form(run: _Run) -> None:
                                      gate_groups=config.gate_groups, gate_c=config.gate_c)
         if not _finite_weights(run.model):
             raise _diverged(run, "the closed-form fit gave non-finite weights")
-        val, _ = evaluate(run.model, data.cached_val, data.val_targets, batch_size=2 * config.batch_size,
-                          device=run.device, precision=run.precision.name)
+        val = evaluate_run(run.model, data.cached_val, data.val_targets, config, run.device, run.precision).metrics
         seconds = time.perf_counter() - t0
         row = {"epoch": 1, "phase": 1, "frozen": True, "cached": True, "lr_min": 0.0, "lr_max": 0.0, "lr_last": 0.0,
                "train_loss": float("nan"), "val_spearman": val["spearman"], "val_mse": val["mse"],
                "seconds": round(seconds, 3), "images_per_s": round(len(data.train_targets) / max(seconds, 1e-9), 1)}
-        run.history.append(row)
-        with open(run.output / "log.csv", "a", newline="") as f:
-            csv.DictWriter(f, LOG_FIELDS).writerow(row)
+        run.log(row)
         meta = {"epoch": 1, "phase": 1, "val_spearman": val["spearman"], "fit": report}
         run.checkpoint("last.safetensors", meta)
         run.checkpoint("best.safetensors", meta)
@@ -716,102 +352,22 @@ def _fit_closed_form(run: _Run) -> None:
 def _finish(run: _Run, test: bool) -> RunResult:
     """The best checkpoint, calibrated and stored as configured (rank 0), then scored on the test set if `test`."""
     config, state, dist = run.config, run.state, run.dist
-    test_data: ImageScoreDataset | CachedRows | None = None
+    test_data = None
     if test and config.frozen_throughout and run.data.cached_train is not None:  # every rank waits on the cache
-        test_data = _cached_test(run.model, run.split.test, config, run.output, run.device, run.precision)
+        test_data = cached_test(run.model, run.split.test, config, run.output, run.device, run.precision)
     metrics = None
     if dist.is_main:
         run.writer.close()
-        _store_best(run)
-        with atomic_write(run.output / "metrics.json") as f:
-            json.dump({"test": None, "best_epoch": state.best_epoch, "best_val_spearman": state.best_val_spearman,
-                       "split": _json_safe(run.split.info)}, f, indent=2)
-        _write_bad_images(run.output, state.bad_images)
+        val = run.data.cached_val if config.frozen_throughout and run.data.cached_val is not None else run.data.val
+        store_best(run.output / "best.safetensors", config, val, run.data.val_targets,  # the cached taps are the
+                   include_backbone=run.with_backbone, device=run.device, precision=run.precision)  # trunk's if frozen
+        write_summary(run.output, state, run.split.info)
         if test:
             metrics = record_test(config, run.split, run.output, test_data=test_data, device=run.device,
                                   precision=run.precision)
     metrics = dist.broadcast(metrics) if test else None
     return RunResult(run.output, run.output / "best.safetensors", run.output / "last.safetensors", state.best_epoch,
                      state.best_val_spearman, metrics or {}, run.history, state.bad_images)
-
-
-def _cached_test(model: ResMemNet, test: ImageScoreDataset, config: TrainConfig, output: Path,
-                 device: torch.device, precision: PrecisionChoice) -> CachedRows:
-    return CachedRows.of(build_feature_cache(
-        model, test, _cache_dir(config, output), dtype=config.cache_dtype, batch_size=2 * config.batch_size,
-        workers=config.workers, device=device, precision=precision,
-        progress=config.progress and int(os.environ.get("RANK", "0")) == 0))
-
-
-def _store_best(run: _Run) -> None:
-    """Calibrate and cast the best checkpoint once; `finished` in its metadata says it was (resume-safe)."""
-    config = run.config
-    best_path = run.output / "best.safetensors"
-    if read_metadata(best_path).get("finished"):
-        return
-    best = load_checkpoint(best_path).to(run.device)
-    extra: dict[str, Any] = {"finished": True}
-    if config.calibrate:
-        # the cached taps are the trunk's only while it never trains
-        val = run.data.cached_val if config.frozen_throughout and run.data.cached_val is not None else run.data.val
-        pred, idx, _ = predict_rows(best, val, batch_size=2 * config.batch_size, workers=config.workers,
-                                    device=run.device, precision=run.precision.name)
-        extra["calibration"] = calibrate(best, pred, run.data.val_targets[idx])
-    save_checkpoint(as_stored(best, config), best_path, metadata=extra, include_backbone=run.with_backbone)
-
-
-def as_stored(model: ResMemNet, config: TrainConfig) -> ResMemNet:
-    """The model in its storage dtype: fp16 halves the file; loading casts back to float32. A trunk that
-    trained is stored too, so it is halved as well; a frozen one comes from its offline source."""
-    if config.head_dtype == "float16":
-        if model.projection is not None:
-            model.projection.half()
-        model.head.half()
-        if not config.frozen_throughout:
-            model.backbone.half()
-    return model
-
-
-def _write_bad_images(run_dir: Path, bad: list[str]) -> None:
-    """Add `bad` to the run's bad_images.txt (one path and reason a line)."""
-    path = run_dir / "bad_images.txt"
-    known = set(path.read_text().splitlines()) if path.is_file() else set()
-    if set(bad) - known:
-        with atomic_write(path) as f:
-            f.write("\n".join(sorted(known | set(bad))) + "\n")
-
-
-def record_test(config: TrainConfig, split: Split, run_dir: str | Path, *,
-                test_data: ImageScoreDataset | CachedRows | None = None, device: torch.device | str | None = None,
-                precision: PrecisionChoice | None = None) -> dict[str, Any]:
-    """Score a finished run's best checkpoint on the split's test set, as users will load it, and record the
-    metrics in the checkpoint and in metrics.json. `test_data` defaults to the images (or, for a frozen
-    cached run, their cached features)."""
-    run_dir = Path(run_dir)
-    best_path = run_dir / "best.safetensors"
-    device = resolve_device(config.device) if device is None else torch.device(device)
-    precision = precision or choose_precision(config.precision, device)
-    scored = load_checkpoint(best_path).to(device)
-    if test_data is None:
-        test_data = (_cached_test(scored, split.test, config, run_dir, device, precision)
-                     if config.frozen_throughout and config.cache_features else split.test)
-    pred, idx, test_errors = predict_rows(scored, test_data, batch_size=2 * config.batch_size,
-                                          workers=config.workers, device=device, precision=precision.name)
-    if not idx.size:
-        raise ValueError(f"No test image of {len(split.test)} could be scored: {test_errors[:3]}")
-    test = {**regression_metrics(pred, split.test.scores[idx]), "bad_images": len(test_errors)}
-    if config.test_protocol == "every_subject_split":
-        test["every_subject_split"] = subject_split_test(split.info, [split.test.paths[i] for i in idx], pred)
-    test_spearman = test["every_subject_split"]["mean"] if "every_subject_split" in test else test["spearman"]
-    save_checkpoint(as_stored(scored, config), best_path, metadata={"test": test, "test_spearman": test_spearman,
-                                                                 "test_precision": precision.name},
-                    include_backbone=read_metadata(best_path)["backbone_in_file"])
-    _write_bad_images(run_dir, test_errors)
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    with atomic_write(metrics_path) as f:
-        json.dump({**metrics, "test": test}, f, indent=2)
-    return test
 
 
 def train(config: TrainConfig, split: Split, output: str | Path, *, resume: bool = False,

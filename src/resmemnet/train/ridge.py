@@ -6,13 +6,13 @@ each expert gets its own amount of shrinkage (MODEL_CARD.md lists the validation
 cached pooled taps of the training rows (labelled images, then any distillation rows):
 
 1. Standardise each group's features with the training rows' (weighted) statistics.
-2. Choose each group's penalty from `alphas` by exact leave-one-out error on the labelled rows: the
-   kernel form with an unpenalised intercept needs one eigendecomposition per group.
+2. Choose each group's penalty from `alphas` by exact leave-one-out error on the labelled rows
+   (scikit-learn's RidgeCV, whose efficient leave-one-out gives every row's prediction).
 3. Divide each group by the spread of its leave-one-out predictions and average the groups, so every
    expert weighs the same whatever its number of features.
 4. Map that average onto the targets' logit by least squares on the leave-one-out predictions.
-5. Members: the same fit on `members` seeded bootstrap resamples of the rows, penalties fixed; their
-   spread is the score's uncertainty.
+5. Members: the same fit (scikit-learn's Ridge) on `members` seeded bootstrap resamples of the rows,
+   penalties fixed; their spread is the score's uncertainty.
 6. Fold all of it into the head's one Linear(sum(channels), members): the checkpoint is a plain model.
 
 A `gated-ensemble` head gets a second read-out (the fallback: other expert groups, fitted the same way)
@@ -23,6 +23,7 @@ experts that keep resmem's general knowledge (MODEL_CARD.md has the validation n
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,14 +54,13 @@ def group_columns(model: ResMemNet) -> dict[str, np.ndarray]:
 
 @dataclass
 class _Expert:
-    """One group's standardisation, penalty and scale, and its kernel over the training rows."""
+    """One group's standardisation, penalty and scale, and the training rows' standardised features."""
 
     name: str
     columns: np.ndarray
     mean: np.ndarray
     std: np.ndarray
-    features: np.ndarray  # the training rows' standardised features (float32)
-    gram: np.ndarray  # features @ features.T (float64)
+    features: np.ndarray  # float64: scikit-learn's ridge solvers work in float64
     alpha: float = 0.0
     loo: np.ndarray = field(default_factory=lambda: np.empty(0))  # leave-one-out predictions, labelled rows
     scale: float = 1.0
@@ -79,6 +79,8 @@ def fit_linear_ensemble(model: ResMemNet, rows: CachedRows, targets: np.ndarray,
     rows by logistic regression (penalty 1/gate_c) on the `gate_groups` features.
     Returns what was chosen (per group: penalty, leave-one-out rho, scale) for the checkpoint metadata.
     """
+    if importlib.util.find_spec("sklearn") is None:
+        raise ImportError(f"head {model.config.head!r} is fitted with scikit-learn: pip install 'resmemnet[train]'")
     available = group_columns(model)
     gated = isinstance(model.head, GatedEnsemble)
     chosen = list(groups) or list(available)
@@ -163,10 +165,7 @@ class _Readout:
 def _fit_gate(gate: torch.nn.Linear, labelled: np.ndarray, others: CachedRows, columns: np.ndarray,
               c: float) -> dict[str, Any]:
     """Logistic regression, labelled rows (1) against the other photos (0), classes balanced; folded into `gate`."""
-    try:
-        from sklearn.linear_model import LogisticRegression
-    except ImportError as e:
-        raise ImportError("head 'gated-ensemble' needs scikit-learn: pip install 'resmemnet[train]'") from e
+    from sklearn.linear_model import LogisticRegression
     negatives = others.take(np.flatnonzero(others.valid)).numpy()[:, columns]
     z = np.concatenate([labelled[:, columns], negatives]).astype(np.float64)
     label = np.r_[np.ones(len(labelled)), np.zeros(len(negatives))]
@@ -188,48 +187,30 @@ def _standardised(name: str, columns: np.ndarray, x: np.ndarray, w: np.ndarray) 
     xg = x[:, columns].astype(np.float64)
     mean = np.average(xg, axis=0, weights=w)
     std = np.sqrt(np.average((xg - mean) ** 2, axis=0, weights=w)) + _EPS
-    a = ((xg - mean) / std).astype(np.float32)
-    return _Expert(name, columns, mean, std, a, (a @ a.T).astype(np.float64))
+    return _Expert(name, columns, mean, std, (xg - mean) / std)
 
 
 def _choose_alpha(expert: _Expert, centred: np.ndarray, w: np.ndarray, is_labelled: np.ndarray,
                   alphas: Sequence[float]) -> None:
     """Set expert.alpha by leave-one-out error on the labelled rows, and its leave-one-out predictions there."""
-    root = np.sqrt(w)
-    lam, vec = np.linalg.eigh(root[:, None] * expert.gram * root[None, :])
-    lam = np.clip(lam, 0, None)
-    b = root * centred
-    projected = vec.T @ b
-    best: tuple[float, float, np.ndarray] | None = None
-    for alpha in alphas:
-        shrink = lam / (lam + alpha)
-        hat = (vec**2 * shrink).sum(axis=1) + w / w.sum()  # + the unpenalised intercept's share
-        residual = (b - vec @ (shrink * projected)) / (1 - hat)
-        error = float(np.mean(residual[is_labelled] ** 2))
-        if best is None or error < best[0]:
-            best = (error, alpha, (b - residual)[is_labelled])
-    assert best is not None
-    expert.alpha, expert.loo = best[1], best[2]
+    from sklearn.linear_model import RidgeCV
+
+    def labelled_error(_: Any, predictions: np.ndarray, y: np.ndarray, **weights: Any) -> float:
+        """A scorer (higher is better) of the labelled rows alone, whose weights are all 1."""
+        return -float(np.mean((predictions[is_labelled] - y[is_labelled]) ** 2))
+
+    search = RidgeCV(alphas=alphas, scoring=labelled_error, store_cv_results=True)
+    search.fit(expert.features, centred, sample_weight=w)
+    expert.alpha = float(search.alpha_)
+    expert.loo = search.cv_results_[is_labelled, list(alphas).index(search.alpha_)]
     expert.scale = float(expert.loo.std()) or 1.0
     expert.loo_rho = spearman(expert.loo, centred[is_labelled])
 
 
 def _member(expert: _Expert, y: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, float]:
     """Weighted ridge on the rows with w > 0: (beta on standardised features, offset): x @ beta + offset."""
+    from sklearn.linear_model import Ridge
+
     rows = np.flatnonzero(w > 0)
-    wr = w[rows] / w[rows].sum()
-    gram = expert.gram[np.ix_(rows, rows)]
-    g_u = gram @ wr  # centre the kernel at the weighted mean of these rows
-    centred = gram - g_u[:, None] - g_u[None, :] + wr @ g_u
-    root = np.sqrt(w[rows])
-    y_mean = float(wr @ y[rows])
-    coef = np.linalg.solve(root[:, None] * centred * root[None, :] + expert.alpha * np.eye(rows.size),
-                           root * (y[rows] - y_mean))
-    dual = np.zeros(len(w))
-    dual[rows] = root * coef
-    weights = np.zeros(len(w))
-    weights[rows] = wr
-    # float32 products: a float64 operand would copy the (rows x features) matrix to float64
-    centre = (weights.astype(np.float32) @ expert.features).astype(np.float64)  # the rows' weighted mean
-    beta = (dual.astype(np.float32) @ expert.features).astype(np.float64) - centre * dual.sum()
-    return beta, y_mean - float(centre @ beta)
+    fit = Ridge(alpha=expert.alpha).fit(expert.features[rows], y[rows], sample_weight=w[rows])
+    return fit.coef_, float(fit.intercept_)
