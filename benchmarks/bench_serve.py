@@ -102,7 +102,8 @@ async def _level(url: str, config: str, clients: int, total: int, max_seconds: f
     latencies: list[float] = []
     errors = 0
     issued = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # Idle connections expire before the server's 5 s keep-alive (see bench_serve_soak.py).
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
         for _ in range(min(clients, 4)):  # warm-up: connections, first model call
             await client.post("/v1/predict", files=[("files", photo)])

@@ -130,17 +130,24 @@ def _small_jpeg() -> bytes:
 
 
 async def _post(client: httpx.AsyncClient, files: list[tuple[str, bytes]]) -> bool:
+    """Whether every file of the request was scored; a failure is printed with its reason."""
     try:
         r = await client.post("/v1/predict", files=[("files", f) for f in files])
-    except httpx.HTTPError:
+    except httpx.HTTPError as exc:
+        print(f"request failed: {type(exc).__name__}: {exc}", flush=True)
         return False
-    return r.status_code == 200 and all(x["score"] is not None for x in r.json()["results"])
+    if r.status_code == 200 and all(x["score"] is not None for x in r.json()["results"]):
+        return True
+    print(f"request failed: HTTP {r.status_code}: {r.text[:300]}", flush=True)
+    return False
 
 
 async def _soak(url: str, soak: Soak, sampler: RssSampler, png: bytes, small: int) -> None:
     large = [(f"large{i}.png", png) for i in range(soak.files)]
     photo = [("small.jpg", _small_jpeg())]
-    limits = httpx.Limits(max_connections=soak.clients)
+    # Drop idle connections well before the server does (ServeSettings.keep_alive_s, 5 s, httpx's own default):
+    # with equal timeouts a request can go out on a connection the server is closing at that moment.
+    limits = httpx.Limits(max_connections=soak.clients, keepalive_expiry=1.0)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=1800) as client:
         # Warm-up: the model's first calls, the thread pool, the allocator's steady state.
         if not await _post(client, large) or not all(await asyncio.gather(*(_post(client, photo) for _ in range(4)))):

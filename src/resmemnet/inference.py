@@ -1,10 +1,11 @@
 """The one inference core: a `Scorer` turns preprocessed batches into scores, `score_paths` streams files through it.
 
-predict, evaluate, evaluation during training, explain, export's check and the server all score
-through here, so device, precision, memory format and decoding behave the same everywhere:
+predict, evaluate, evaluation during training, explain, the feature cache, export's check and the
+server all score through here, so device, precision and decoding behave the same everywhere (training's
+scorers keep contiguous inputs, `channels_last=False`, the layout its weights train in):
 
 >>> scorer = TorchScorer(model)                  # device="auto", precision="auto" (see resmemnet.runtime)
->>> for rows in score_paths(paths, scorer, batch_size=32, workers=4):
+>>> for rows in score_paths(paths, scorer, workers=4):  # batches sized to the scorer's memory budget
 ...     print(rows)                              # one list of Prediction per batch, in input order
 
 A scorer never changes the caller's model: it restores train/eval mode after each call, and a model
