@@ -100,6 +100,13 @@ def two_trunk_ridge(split, workers: int) -> np.ndarray:
     return ridge.predict((x_test - mean) / std)
 
 
+def held_out_table(rho: dict[str, dict[str, float]]) -> list[str]:
+    """Markdown rows: each model's held-out rho (mean +- std over subject splits), then the human consistency."""
+    return ["| model | held-out rho |", "|---|---|",
+            *(f"| {name} | {r['mean']:.3f} +- {r['std']:.3f} |" for name, r in rho.items()),
+            f"| human split-half consistency | {next(iter(rho.values()))['human']:.3f} |"]
+
+
 def held_out_parser(doc: str, results: str) -> argparse.ArgumentParser:
     """The options every held-out benchmark takes; results go to benchmarks/<results>.md and .json."""
     parser = argparse.ArgumentParser(description=doc.split("\n")[0])
@@ -159,11 +166,8 @@ def main() -> int:
     lines = ["# resmemnet-large on held-out LNSIM images and out of domain", "",
              f"Command: `{result['command']}` ({seconds / 60:.0f} min on this machine). Held-out: the "
              f"{len(test)} test images of LNSIM split 0 (seed 0), fixed before training; rho = mean +- std over the 25 "
-             "subject splits of Spearman(prediction, half-2 score).", "",
-             "| model | held-out rho |", "|---|---|"]
-    lines += [f"| {name} | {r['mean']:.3f} +- {r['std']:.3f} |" for name, r in rho.items()]
-    lines += [f"| human split-half consistency | {next(iter(rho.values()))['human']:.3f} |", "",
-              "| score_std (resmemnet-large, held-out images) | value |", "|---|---|"]
+             "subject splits of Spearman(prediction, half-2 score).", "", *held_out_table(rho)]
+    lines += ["", "| score_std (resmemnet-large, held-out images) | value |", "|---|---|"]
     lines += [f"| {k.replace('_', ' ')} | {v:.3f} |" for k, v in coverage.items()]
     lines += ["", "| out of domain | photos | Spearman with resmem | score std / LNSIM score std |",
               "|---|---|---|---|"]

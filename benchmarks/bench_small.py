@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_large import DATASETS, held_out_parser, model_scores, resmem_scores
+from bench_large import DATASETS, held_out_parser, held_out_table, model_scores, resmem_scores
 
 
 def main() -> int:
@@ -70,12 +70,9 @@ def main() -> int:
     lines = ["# resmemnet-small on held-out LNSIM images and out of domain", "",
              f"Command: `{command}` ({seconds / 60:.0f} min on this machine). Held-out: the {len(test)} test images "
              "of LNSIM split 0 (seed 0), fixed before training; rho = mean +- std over the 25 subject splits of "
-             "Spearman(prediction, half-2 score).", "",
-             "| model | held-out rho |", "|---|---|"]
-    lines += [f"| {name} | {r['mean']:.3f} +- {r['std']:.3f} |" for name, r in rho.items()]
-    lines += [f"| human split-half consistency | {next(iter(rho.values()))['human']:.3f} |", "",
-              "| out of domain (never trained on) | photos | Spearman with resmemnet-large | Spearman with resmem |",
-              "|---|---|---|---|"]
+             "Spearman(prediction, half-2 score).", "", *held_out_table(rho)]
+    lines += ["", "| out of domain (never trained on) | photos | Spearman with resmemnet-large | "
+              "Spearman with resmem |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['photos']} | {v['agreement_with_large']:.3f} | {v['agreement_with_resmem']:.3f} |"
               for k, v in ood.items()]
     args.output.write_text("\n".join(lines) + "\n")
