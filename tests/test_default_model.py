@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from resmemnet.checkpoint import read_metadata
@@ -26,6 +27,7 @@ from resmemnet.model.resmemnet import ResMemNet
 from resmemnet.model.weights import get_weights, list_models
 from resmemnet.predict import predict
 from resmemnet.pretrained import DEFAULT_MODEL, bundled_file, load_model, resolve_checkpoint
+from resmemnet.runtime import choose_precision
 from resmemnet.train.cache import CachedRows, FeatureCache, cache_key
 from resmemnet.train.config import TrainConfig, load_config
 from resmemnet.train.targets import mean_targets, subject_split_test
@@ -108,7 +110,8 @@ def test_recorded_test_rho_is_the_files_on_the_held_out_features(name: str) -> N
     for package in get_weights(config.model.backbone_weights).meta["package"].split(", "):
         pytest.importorskip(package)
     model = load_model(name)
-    key = cache_key(model, split.test, 1, config.cache_dtype)
+    precision = choose_precision(config.precision, torch.device("cpu")).name  # what the build ran in
+    key = cache_key(model, split.test, 1, config.cache_dtype, precision=precision)
     folder = Path(config.cache_dir).expanduser() / key
     if not (folder / "meta.json").is_file():
         pytest.skip(f"no feature cache of the held-out images at {folder}: run the build command first")

@@ -39,6 +39,7 @@ def test_cache_is_reused_and_keyed_by_what_changes_features(model, tiny_split, t
     fewer = ImageScoreDataset(ds.paths[:-1], ds.scores[:-1])
     assert cache_key(model, fewer, 1, "float16") != key
     assert cache_key(model, ds, 2, "float16") != key
+    assert cache_key(model, ds, 1, "float16", precision="bf16") != key  # bf16 rows are not fp32 rows
     torch.manual_seed(0)
     other_head = create_model("mobilenet_v3_large", head="last", proj_dim=16, preprocessing=model.preprocessing)
     assert cache_key(other_head, ds, 1, "float16") == key  # same trunk, same features

@@ -125,13 +125,16 @@ class CachedRows:
         return out
 
 
-def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: str, start: int = 0) -> str:
+def cache_key(model: ResMemNet, dataset: ImageScoreDataset, views: int, dtype: str, start: int = 0, *,
+              precision: str = "fp32") -> str:
+    """The folder name of a cache: what changes its rows, the precision they were computed in included."""
     parts: dict[str, object] = {
         "backbone": model.config.backbone,  # not the head: runs with other heads share the cache
         "backbone_sha256": weights_digest(model.backbone.state_dict()),
         "preprocessing": model.preprocessing.to_dict(),
         "views": views,
         "dtype": dtype,
+        "precision": precision,
         "paths": [str(Path(p).resolve()) for p in dataset.paths],
     }
     if start:
@@ -152,7 +155,7 @@ def build_feature_cache(model: ResMemNet, dataset: ImageScoreDataset, cache_dir:
     """
     if views not in (1, 2):
         raise ValueError(f"views must be 1 (as-is) or 2 (as-is + flipped), got {views}")
-    final = Path(cache_dir) / cache_key(model, dataset, views, dtype, start)
+    final = Path(cache_dir) / cache_key(model, dataset, views, dtype, start, precision=(precision or FP32).name)
     if (final / "meta.json").is_file():
         return FeatureCache.open(final)
     final.parent.mkdir(parents=True, exist_ok=True)
