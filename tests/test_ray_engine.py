@@ -4,6 +4,7 @@ bad files, resume, file:// URIs and Parquet. Ray starts once for the module (2 C
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,8 @@ pytestmark = pytest.mark.slow  # Ray and its actors' torch imports take seconds 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # one GPU declared, none behind it: the GPU layout runs, and its scorer falls back to the CPU
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
 
@@ -55,6 +57,38 @@ def _photos(folder: Path, n: int) -> Path:
     return folder
 
 
+@pytest.mark.parametrize(("nodes", "gpus", "options", "spare", "want"), [
+    ([16, 16], 0, RayOptions(), 0, (2, 16)),  # a CPU scorer per node, with all its CPUs
+    ([16, 16], 0, RayOptions(), 1, (2, 15)),  # a user's dataset keeps one CPU for its read tasks
+    ([8, 16], 0, RayOptions(), 0, (3, 8)),  # sized to the smallest node, so that every actor can be placed
+    ([2], 0, RayOptions(actors=2), 0, (2, 1)),  # --actors shares the CPUs
+    ([16, 16], 0, RayOptions(cpus_per_actor=4), 0, (8, 4)),
+    ([16, 16], 4, RayOptions(gpus_per_actor=1), 0, (4, 1)),  # a GPU scorer needs one CPU
+    ([16, 16], 4, RayOptions(gpus_per_actor=0.5, cpus_per_actor=2), 0, (8, 2)),
+])
+def test_the_scoring_pool_is_sized_to_the_cluster(monkeypatch, nodes, gpus, options, spare, want):
+    from resmemnet import ray as engine
+
+    monkeypatch.setattr(engine.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": float(c)}} for c in nodes])
+    monkeypatch.setattr(engine.ray, "cluster_resources", lambda: {"CPU": float(sum(nodes)), "GPU": float(gpus)})
+    pool = engine._pool(options, spare_cpus=spare)
+    assert (pool.actors, pool.cpus) == want
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (RayOptions(actors=3, cpus_per_actor=16), "3 scoring actor(s) with 16 CPU each need 48 CPUs; the Ray cluster "
+                                              "has 32"),
+    (RayOptions(gpus_per_actor=1), "need 1 GPUs; the Ray cluster has 0; drop --gpus-per-actor"),
+])
+def test_a_pool_the_cluster_cannot_hold_is_refused(monkeypatch, options, message):
+    from resmemnet import ray as engine
+
+    monkeypatch.setattr(engine.ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 16.0}}] * 2)
+    monkeypatch.setattr(engine.ray, "cluster_resources", lambda: {"CPU": 32.0})
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine._pool(options, spare_cpus=0)
+
+
 def test_the_local_engine_never_imports_ray(checkpoint, tmp_path, capsys):
     make_photo(tmp_path / "a.jpg")
     code = ("import sys; from resmemnet.cli import main; "
@@ -62,7 +96,7 @@ def test_the_local_engine_never_imports_ray(checkpoint, tmp_path, capsys):
             "'--no-progress']); sys.exit(rc or 3 * ('ray' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
     assert main(["predict", str(tmp_path / "a.jpg"), "--checkpoint", checkpoint, "--actors", "2"]) == 2
-    assert "--actors and --gpus-per-actor are for --engine ray" in capsys.readouterr().err
+    assert "--actors, --gpus-per-actor and --cpus-per-actor are for --engine ray" in capsys.readouterr().err
 
 
 def test_forty_real_photos_get_the_local_engines_rows_in_its_order(tmp_path):
@@ -151,6 +185,19 @@ def test_score_adds_columns_to_a_users_dataset(checkpoint, tmp_path):
     assert all(0 <= r["score"] <= 1 and r["score_std"] is None for r in rows[:3])
     with pytest.raises(ValueError, match="needs a 'file' column"):
         score(ds, checkpoint, column="file")
+
+
+def test_gpu_scorers_are_fed_by_decoding_tasks_and_give_the_cpu_scorers_rows(checkpoint, tmp_path):
+    folder = _photos(tmp_path / "photos", 5)
+    paths = [str(p) for p in sorted(folder.glob("*.jpg"))] + [str(tmp_path / "gone.png")]
+    ds = ray.data.from_items([{"path": p} for p in paths])
+    on_gpus = score(ds, checkpoint, batch_size=2, options=RayOptions(gpus_per_actor=1)).materialize()
+    on_cpus = score(ds, checkpoint, batch_size=2, options=RayOptions(actors=1)).materialize()
+    assert "MapBatches(_decode)" in on_gpus.stats() and "MapBatches(_decode)" not in on_cpus.stats()
+    rows = [sorted(d.take_all(), key=lambda r: r["path"]) for d in (on_gpus, on_cpus)]
+    _same_rows(*[[Prediction(r["path"], r["score"], r["error"]) for r in got] for got in rows])
+    errors = {r["path"]: r["error"] for r in rows[0]}
+    assert errors.pop(paths[-1]) == "file not found" and set(errors.values()) == {""}
 
 
 def test_a_killed_scoring_actor_is_restarted_and_every_row_written_once(checkpoint, tmp_path):

@@ -1,7 +1,9 @@
-"""Score millions of images on a Ray cluster: Ray tasks decode, an actor pool of scorers scores.
+"""Score millions of images on a Ray cluster: an actor pool of scorers, fed by Ray decoding tasks on GPU clusters.
 
 Each actor builds one `Scorer` from a `ScorerSpec` once, and decoding uses the one decoding dataset
-(`DecodedImages`), so rows, error rows and scores are those of the local engine. Inputs may be local
+(`DecodedImages`), so rows, error rows and scores are those of the local engine. A CPU actor decodes its own
+batches in threads: a decoding task's process would import torch once per job, which costs as much CPU as
+scoring a hundred photos. Inputs may be local
 paths, folders and globs, or URIs that pyarrow's file systems read (`s3://`, `gs://`, `file://`).
 
 >>> ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, {"path": "/photos/b.png"}])
@@ -22,6 +24,7 @@ import glob
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit
@@ -65,14 +68,17 @@ class RayOptions:
     """Where and how wide a Ray run is: the CLI's --ray-address, --actors and --gpus-per-actor."""
 
     address: str | None = None  # None: start a local Ray (or join $RAY_ADDRESS); "auto": a running cluster
-    actors: int | None = None  # None: one per `gpus_per_actor` GPUs, else one per CPU (see `score`)
+    actors: int | None = None  # None: one per `gpus_per_actor` GPUs, else one per node (see `_pool`)
     gpus_per_actor: float = 0
+    cpus_per_actor: float | None = None  # None: a CPU scorer takes a node's CPUs, a GPU scorer one CPU
 
     def check(self) -> None:
         if self.actors is not None and self.actors < 1:
             raise ValueError(f"--actors must be positive, got {self.actors}")
         if self.gpus_per_actor < 0:
             raise ValueError(f"--gpus-per-actor must be 0 or more, got {self.gpus_per_actor}")
+        if self.cpus_per_actor is not None and self.cpus_per_actor <= 0:
+            raise ValueError(f"--cpus-per-actor must be positive, got {self.cpus_per_actor}")
 
 
 # ---------------------------------------------------------------- URIs
@@ -177,11 +183,13 @@ def _model_header(spec: ScorerSpec) -> tuple[Preprocessing, bool]:
     return Preprocessing.from_dict(meta["preprocessing"]), ModelConfig.from_dict(meta["config"]).members > 1
 
 
-def _decode(batch: dict[str, np.ndarray], *, column: str, preprocessing: Preprocessing) -> dict[str, np.ndarray]:
-    """A Ray task: decode a batch's images as the local engine does; a bad file gets its error and a blank tensor."""
+def _decode(batch: dict[str, np.ndarray], *, column: str, preprocessing: Preprocessing,
+            threads: ThreadPoolExecutor | None = None) -> dict[str, np.ndarray]:
+    """Decode a batch's images as the local engine does, in `threads` if given (Pillow and torch release the GIL);
+    a bad file gets its error and a blank tensor. A Ray task for GPU scorers, inside the actor for CPU scorers."""
     images = DecodedImages(batch[column].tolist(), preprocessing.transforms(), min_size=preprocessing.input_size,
                            reader=_read)
-    items = [images[i] for i in range(len(images))]
+    items = list((threads.map if threads else map)(images.__getitem__, range(len(images))))
     blank = np.zeros((3, *preprocessing.input_size), dtype=np.float32)
     batch[_IMAGE] = np.stack([blank if item.image is None else item.image.numpy() for item in items])
     batch["error"] = np.array([item.error for item in items], dtype=object)
@@ -189,16 +197,23 @@ def _decode(batch: dict[str, np.ndarray], *, column: str, preprocessing: Preproc
 
 
 class _Scoring:
-    """A Ray actor: one scorer, built once, scoring decoded batches."""
+    """A Ray actor: one scorer, built once, scoring batches that decoding tasks decoded, or with `decode`, decoding
+    them itself in `threads` threads first."""
 
-    def __init__(self, spec: ScorerSpec, column: str, preprocessing: Preprocessing):
+    def __init__(self, spec: ScorerSpec, column: str, preprocessing: Preprocessing, threads: int, decode: bool):
+        torch.set_num_threads(threads)  # the CPUs Ray gave this actor, whatever OMP_NUM_THREADS says
         self.scorer = spec.build()
         self.column = column
-        if self.scorer.preprocessing != preprocessing:  # the decoding tasks read it from the file's header
+        self.preprocessing = preprocessing
+        self.threads = ThreadPoolExecutor(threads) if decode else None
+        self.decode = decode
+        if self.scorer.preprocessing != preprocessing:  # the driver read it from the file's header
             raise RuntimeError(f"the scorer expects {self.scorer.preprocessing}, the images were decoded with "
                                f"{preprocessing}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        if self.decode:
+            batch = _decode(batch, column=self.column, preprocessing=self.preprocessing, threads=self.threads)
         paths, errors = batch[self.column].tolist(), batch["error"].tolist()
         good = [i for i, error in enumerate(errors) if not error]
         rows = [Prediction(str(p), None, e) for p, e in zip(paths, errors, strict=True)]
@@ -215,29 +230,55 @@ class _Scoring:
         return table
 
 
-def _actors(options: RayOptions, *, spare_cpus: int) -> int:
-    """How many scorers: as asked, else one per `gpus_per_actor` GPUs of the cluster, else one per CPU but
-    `spare_cpus` (each scorer holds a CPU for the whole run, so a task that needs one could wait forever)."""
+@dataclass(frozen=True)
+class _Pool:
+    actors: int
+    cpus: float  # each actor's CPUs: its torch threads on a CPU
+
+
+def _pool(options: RayOptions, *, spare_cpus: int) -> _Pool:
+    """How many scorers, and the CPUs each holds. A CPU scorer takes every CPU of a node (of the smallest node,
+    less `spare_cpus`) and runs that many torch threads, as the local engine does: one process per node pays for
+    the imports and the model once, and holds one copy of the weights. `--actors N` shares the CPUs among N.
+    `spare_cpus` stay free for the tasks that read a user's dataset, which could otherwise wait forever."""
     resources = ray.cluster_resources()
-    unit, per = ("GPU", options.gpus_per_actor) if options.gpus_per_actor else ("CPU", 1.0)
-    have = resources.get(unit, 0.0)
-    actors = options.actors or max(1, int(have // per) - (0 if options.gpus_per_actor else spare_cpus))
-    if actors * per > have:
-        raise ValueError(f"{actors} scoring actor(s) with {per:g} {unit} each need {actors * per:g} "
-                         f"{unit}s; the Ray cluster has {have:g}" + ("" if unit == "CPU" else
-                                                                     "; drop --gpus-per-actor to score on CPUs"))
-    return actors
+    cpus_total = resources.get("CPU", 0.0)
+    if options.gpus_per_actor:
+        have, per = resources.get("GPU", 0.0), options.gpus_per_actor
+        actors = options.actors or max(1, int(have // per))
+        if actors * per > have:
+            raise ValueError(f"{actors} scoring actor(s) with {per:g} GPU each need {actors * per:g} GPUs; the "
+                             f"Ray cluster has {have:g}; drop --gpus-per-actor to score on CPUs")
+        return _Pool(actors, options.cpus_per_actor or 1.0)
+    node_cpus = [node["Resources"].get("CPU", 0.0) for node in ray.nodes() if node.get("Alive")]
+    smallest = min((c for c in node_cpus if c), default=cpus_total)
+    usable = max(1.0, cpus_total - spare_cpus)
+    cpus = options.cpus_per_actor or (max(1, int(usable // options.actors)) if options.actors
+                                      else max(1, int(smallest - spare_cpus)))
+    actors = options.actors or max(1, int(usable // cpus))
+    if actors * cpus > cpus_total:
+        raise ValueError(f"{actors} scoring actor(s) with {cpus:g} CPU each need {actors * cpus:g} CPUs; the Ray "
+                         f"cluster has {cpus_total:g}")
+    return _Pool(actors, cpus)
+
+
+def _actor_pool(actors: int, *, decode: bool) -> ray.data.ActorPoolStrategy:
+    """A fixed pool; an actor that decodes takes two batches at once, so that one decodes while one scores."""
+    if not decode:
+        return ray.data.ActorPoolStrategy(size=actors)
+    return ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2, enable_true_multi_threading=True)
 
 
 def score(ds: ray.data.Dataset, model: str | ScorerSpec | None = None, *, column: str = "path",
           batch_size: int = 32, options: RayOptions | None = None) -> ray.data.Dataset:
     """`ds` with `score`, `error` and `score_std` columns added, scoring the images its `column` names.
 
-    `model` is a checkpoint path, a bundled name (None: the bundled default) or a full `ScorerSpec`. Decoding
-    runs in Ray tasks (one per cluster CPU at a time, sharing the cores with the scorers as the local engine's
-    DataLoader workers do), scoring in a pool of `options.actors` actors; by default one per CPU but one,
-    which stays free for the tasks that read `ds`. A bad image is a row with an error and no score. Rows come
-    out in any order unless `ds.context.execution_options.preserve_order` is set.
+    `model` is a checkpoint path, a bundled name (None: the bundled default) or a full `ScorerSpec`. Scoring
+    runs in a pool of actors sized by `_pool`; one CPU stays free for the tasks that read `ds`. A CPU scorer
+    decodes its batches itself, in threads on the CPUs it holds; for GPU scorers, Ray tasks decode (one per
+    cluster CPU at a time, holding none, as the local engine's DataLoader workers do). A bad image is a row
+    with an error and no score. Rows come out in any order unless `ds.context.execution_options.preserve_order`
+    is set.
     """
     options = options or RayOptions()
     options.check()
@@ -253,14 +294,16 @@ def score(ds: ray.data.Dataset, model: str | ScorerSpec | None = None, *, column
             raise ValueError(f"--device {spec.device} with --engine ray needs --gpus-per-actor (e.g. 1)")
         spec = replace(spec, device="cpu")
     preprocessing, _ = _model_header(spec)
-    actors = _actors(options, spare_cpus=1)
-    decoded = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy", num_cpus=0,
-                             compute=ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources()["CPU"]))),
-                             fn_kwargs={"column": column, "preprocessing": preprocessing})
-    return decoded.map_batches(_Scoring, batch_size=batch_size, batch_format="numpy", num_cpus=1,
-                               num_gpus=options.gpus_per_actor or None,
-                               compute=ray.data.ActorPoolStrategy(size=actors),
-                               fn_constructor_kwargs={"spec": spec, "column": column, "preprocessing": preprocessing})
+    pool = _pool(options, spare_cpus=1)
+    gpu = bool(options.gpus_per_actor)
+    if gpu:  # the nodes' CPUs decode for the GPUs
+        ds = ds.map_batches(_decode, batch_size=batch_size, batch_format="numpy", num_cpus=0,
+                            compute=ray.data.TaskPoolStrategy(size=max(1, int(ray.cluster_resources()["CPU"]))),
+                            fn_kwargs={"column": column, "preprocessing": preprocessing})
+    return ds.map_batches(_Scoring, batch_size=batch_size, batch_format="numpy", num_cpus=pool.cpus,
+                          num_gpus=options.gpus_per_actor or None, compute=_actor_pool(pool.actors, decode=not gpu),
+                          fn_constructor_kwargs={"spec": spec, "column": column, "preprocessing": preprocessing,
+                                                 "threads": max(1, int(pool.cpus)), "decode": not gpu})
 
 
 def _connect(options: RayOptions) -> None:
@@ -282,7 +325,8 @@ class RayEngine:
         self.options.check()
         _connect(self.options)
         # the paths are in the driver's memory, so no read task needs a CPU: every CPU can score
-        self.options = replace(self.options, actors=_actors(self.options, spare_cpus=0))
+        pool = _pool(self.options, spare_cpus=0)
+        self.options = replace(self.options, actors=pool.actors, cpus_per_actor=pool.cpus)
         self.spec = spec
         return _model_header(spec)[1]
 

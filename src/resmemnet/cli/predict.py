@@ -40,8 +40,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                           "file:// URIs")
     ray.add_argument("--ray-address", help="a running Ray cluster ('auto': the one this machine belongs to; default: "
                                            "start Ray here)")
-    ray.add_argument("--actors", type=int, help="scoring actors (default: one per CPU, or per --gpus-per-actor GPUs)")
+    ray.add_argument("--actors", type=int, help="scoring actors (default: one per node, or per --gpus-per-actor GPUs)")
     ray.add_argument("--gpus-per-actor", type=float, default=0, help="GPUs each scoring actor holds (default: 0)")
+    ray.add_argument("--cpus-per-actor", type=float, help="CPUs (torch threads) each scoring actor holds (default: "
+                                                         "a node's CPUs shared by --actors; 1 with GPUs)")
     p.set_defaults(func=run)
 
 
@@ -57,12 +59,13 @@ def run(args: argparse.Namespace) -> int:
     spec = ScorerSpec(args.checkpoint, backend=args.backend, onnx=args.onnx, device=args.device,
                       precision=args.precision, channels_last=args.channels_last, compile=args.compile)
     if args.engine == "local":
-        if args.ray_address or args.actors is not None or args.gpus_per_actor:
-            raise ValueError("--ray-address, --actors and --gpus-per-actor are for --engine ray")
+        if args.ray_address or args.actors is not None or args.gpus_per_actor or args.cpus_per_actor is not None:
+            raise ValueError("--ray-address, --actors, --gpus-per-actor and --cpus-per-actor are for --engine ray")
         return int(run_scoring(job, spec).failed > 0)
     try:
         from resmemnet.ray import RayOptions, run_ray_scoring
     except ModuleNotFoundError as exc:
         raise ValueError(f"--engine ray needs Ray ({exc}); pip install 'resmemnet[ray]'") from None
-    options = RayOptions(args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor)
+    options = RayOptions(args.ray_address, actors=args.actors, gpus_per_actor=args.gpus_per_actor,
+                         cpus_per_actor=args.cpus_per_actor)
     return int(run_ray_scoring(job, spec, options).failed > 0)
