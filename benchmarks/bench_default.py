@@ -78,6 +78,11 @@ def cpu_info() -> dict[str, object]:
             "logical_cpus": os.cpu_count(), "torch_threads": torch.get_num_threads()}
 
 
+def flags_text(cpu: dict[str, object]) -> str:
+    """The CPU_FLAGS that `cpu_info` found, for a benchmark's Markdown."""
+    return ", ".join(f for f, present in cpu["flags"].items() if present) or "none of " + ", ".join(CPU_FLAGS)
+
+
 def resmemnet_info(exe: str, checkpoint: str | None) -> dict[str, object]:
     """What `resmemnet info --json` says: the model it loads and the precision `predict` would pick."""
     extra = ["--checkpoint", checkpoint] if checkpoint else []
@@ -226,7 +231,7 @@ def main() -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
 
-    flags = ", ".join(f for f, present in cpu["flags"].items() if present) or "none of " + ", ".join(CPU_FLAGS)
+    flags = flags_text(cpu)
     precision = info.get("precision") or {}
     model = info.get("name") or info.get("checkpoint") or "?"
     lines = [f"Command: `{command}`", "", f"Date: {date}", "",

@@ -24,7 +24,7 @@ from datetime import datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default import CPU_FLAGS, ROOT, cpu_info, read_scores, scratch_photos, timed
+from bench_default import ROOT, cpu_info, flags_text, read_scores, scratch_photos, timed
 
 MODELS = ("resmemnet-small", "resmemnet-large")
 
@@ -96,7 +96,7 @@ def main() -> int:
     cpu = cpu_info()
     args.json.write_text(json.dumps({"command": command, "date": date, "photos": len(photos), "cpu": cpu,
                                      "summary": summary, "runs": runs}, indent=2))
-    flags = ", ".join(f for f, present in cpu["flags"].items() if present) or "none of " + ", ".join(CPU_FLAGS)
+    flags = flags_text(cpu)
     lines = [f"Command: `{command}`", "", f"Date: {date}", "",
              f"CPU: {cpu['model']}, {cpu['logical_cpus']} logical CPUs; flags: {flags}", "",
              f"{len(photos)} bsds500 + osie photos, {args.repeats} repeat(s), medians; each resmemnet row is "

@@ -39,7 +39,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default import DATASETS, cpu_info
+from bench_default import DATASETS, cpu_info, flags_text
 
 
 class _CpuMeter:
@@ -162,6 +162,7 @@ def main() -> int:
         imports.append(time.perf_counter() - start)
 
     local = names[0]
+    cpu = cpu_info()
     result = {
         "photos": len(photos), "cpus": args.cpus, "rounds": args.rounds, "batch_size": args.batch_size,
         "precision": precision_for().name, "ray_start_s": ray_start, "max_abs_score_difference": worst,
@@ -174,8 +175,8 @@ def main() -> int:
         "ratio_to_local_per_round": {name: [seconds[local][r] / s for r, s in enumerate(seconds[name])]
                                      for name in names[1:]},
         "import_s": statistics.median(imports),
-        "cpu": cpu_info(),
-        "machine": f"{cpu_info()['model']}, {os.cpu_count()} logical CPUs, load average "
+        "cpu": cpu,
+        "machine": f"{cpu['model']}, {os.cpu_count()} logical CPUs, load average "
                    f"{load_before:.1f} before and {os.getloadavg()[0]:.1f} after",
     }
     result["photos_for_85_percent"] = {name: _photos_for(0.85, result, local, name) for name in names[1:]}
@@ -199,7 +200,7 @@ def _photos_for(share: float, result: dict, local: str, name: str) -> float | No
 def _markdown(result: dict, names: list[str]) -> str:
     command = "python benchmarks/bench_ray.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     local = result["images_per_s"][names[0]]
-    flags = ", ".join(f for f, present in result["cpu"]["flags"].items() if present) or "none of those listed"
+    flags = flags_text(result["cpu"])
     lines = [
         "# `resmemnet predict`: the local engine and `--engine ray` (CPU)", "",
         f"Reproduce: `{command.strip()}` (writes this file and `ray.json`).", "",

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_default import DATASETS, ROOT, cpu_info
+from bench_default import DATASETS, ROOT, cpu_info, flags_text
 
 PARTS = ("gate", "in-domain", "fallback")
 # name: (how to build the model, input side)
@@ -190,7 +190,7 @@ def main() -> int:
 
     command = ("python benchmarks/small_agreement.py " + shlex.join(sys.argv[1:])).strip()
     cpu = cpu_info()
-    flags = ", ".join(f for f, present in cpu["flags"].items() if present) or "none of the listed"
+    flags = flags_text(cpu)
     args.json.write_text(json.dumps({"command": command, "cpu": cpu, "precision": precision.name,
                                      "photos": {k: len(v) for k, v in sets.items()},
                                      "teacher_parts": teacher_parts, "results": results, "seconds": seconds},

@@ -3,8 +3,8 @@
 Each actor builds one `Scorer` from a `ScorerSpec` once, and decoding uses the one decoding dataset
 (`DecodedImages`), so rows, error rows and scores are those of the local engine. A CPU actor decodes its own
 batches in threads: a decoding task's process would import torch once per job, which costs as much CPU as
-scoring a hundred photos. Inputs may be local
-paths, folders and globs, or URIs that pyarrow's file systems read (`s3://`, `gs://`, `file://`).
+scoring a hundred photos. Inputs may be local paths, folders and globs, or URIs that pyarrow's file systems
+read (`s3://`, `gs://`, `file://`).
 
 >>> ds = ray.data.from_items([{"path": "s3://bucket/a.jpg"}, {"path": "/photos/b.png"}])
 >>> scored = resmemnet.ray.score(ds, "resmemnet-small")   # + score, error, score_std columns
@@ -65,7 +65,7 @@ _SCHEMA = pa.schema([("score", pa.float64()), ("error", pa.string()), ("score_st
 
 @dataclass(frozen=True)
 class RayOptions:
-    """Where and how wide a Ray run is: the CLI's --ray-address, --actors and --gpus-per-actor."""
+    """Where and how wide a Ray run is: the CLI's --ray-address, --actors, --gpus-per-actor and --cpus-per-actor."""
 
     address: str | None = None  # None: start a local Ray (or join $RAY_ADDRESS); "auto": a running cluster
     actors: int | None = None  # None: one per `gpus_per_actor` GPUs, else one per node (see `_pool`)
@@ -205,14 +205,13 @@ class _Scoring:
         self.scorer = spec.build()
         self.column = column
         self.preprocessing = preprocessing
-        self.threads = ThreadPoolExecutor(threads) if decode else None
-        self.decode = decode
+        self.threads = ThreadPoolExecutor(threads) if decode else None  # None: decoding tasks decoded the batches
         if self.scorer.preprocessing != preprocessing:  # the driver read it from the file's header
             raise RuntimeError(f"the scorer expects {self.scorer.preprocessing}, the images were decoded with "
                                f"{preprocessing}")
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        if self.decode:
+        if self.threads:
             batch = _decode(batch, column=self.column, preprocessing=self.preprocessing, threads=self.threads)
         paths, errors = batch[self.column].tolist(), batch["error"].tolist()
         good = [i for i, error in enumerate(errors) if not error]
